@@ -1,0 +1,191 @@
+"""`toucan` console script: a thin shell that turns argv into a config dataclass and calls the
+command function. Commands import lazily so `toucan --help` does not load torch."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from typing import Any, Sequence
+
+from . import __version__
+from . import config as C
+from .errors import ConfigError, ToucanError
+
+log = logging.getLogger("toucan")
+
+# name -> (config dataclass, "module:function"). A space in the name makes a command group
+# ("tokenizer extend"). Add a line here when you add a command; nothing else to register.
+COMMANDS: dict[str, tuple[type, str]] = {
+    "data": (C.DataConfig, "toucan.data:run_data"),
+    "train": (C.TrainConfig, "toucan.train:run_train"),
+    "chat": (C.ChatConfig, "toucan.serve.chat:run_chat"),
+    "demo": (C.DemoConfig, "toucan.demo:run_demo"),
+    "verify": (C.VerifyConfig, "toucan.manifest:run_verify"),
+}
+
+# Commands whose unknown --flags are collected into the config's `extra_args` (HF Trainer flags).
+PASSTHROUGH = {"train"}
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_optional) for X | None / Optional[X]."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
+    meta = f.metadata
+    inner, _ = _unwrap(tp)
+    help_text = meta.get("help", "")
+    kw: dict[str, Any] = {"help": help_text, "dest": f.name}
+    if meta.get("choices"):
+        kw["choices"] = meta["choices"]
+    if meta.get("metavar"):
+        kw["metavar"] = meta["metavar"]
+    is_list = typing.get_origin(inner) is list
+    elem = typing.get_args(inner)[0] if is_list else inner
+    if meta.get("positional"):
+        kw.pop("dest")
+        if is_list:
+            kw["nargs"] = "+" if meta.get("required") else "*"
+        kw["type"] = elem
+        p.add_argument(f.name, **kw)
+        return
+    flags = [f"--{f.name}"]
+    if "_" in f.name:
+        flags.append(f"--{f.name.replace('_', '-')}")
+    flags += [a for a in meta.get("aliases", ()) if a not in flags]
+    if inner is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["type"] = elem
+        if is_list:
+            kw["nargs"] = "+" if meta.get("required") else "*"
+    if meta.get("required"):
+        # Checked after --config is merged (see main), so a config file can supply it.
+        kw["help"] = f"{help_text} (required)"
+    else:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if default is not None and help_text:
+            kw["help"] = f"{help_text} (default: {default})"
+    p.add_argument(*flags, **kw)
+
+
+def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "extra_args":
+            continue
+        _add_field(p, f, hints[f.name])
+
+
+def config_from_args(cls: type, ns: argparse.Namespace, extra: Sequence[str] = ()) -> Any:
+    # argparse defaults are all None, so a non-None value was given: unset fields keep the
+    # dataclass default (the one place defaults live).
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name, None) is not None}
+    if extra:
+        values["extra_args"] = list(extra)
+    return cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="toucan",
+        description="Toucan: LLaMA-architecture base model -> Chinese chat assistant "
+                    "(data, SFT, delta weights, 4-bit GPTQ, chat/web/API, judge evaluation).")
+    parser.add_argument("--version", action="version", version=f"toucan {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--config", help="JSON or YAML file of option defaults (command-line flags win)")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (cls, _) in COMMANDS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        if " " in name:
+            group, sub = name.split(" ", 1)
+            if group not in groups:
+                gp = subs.add_parser(group, help=f"{group} commands")
+                groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            sp = groups[group].add_parser(sub, help=doc, description=doc)
+        else:
+            sp = subs.add_parser(name, help=doc, description=doc)
+        sp.set_defaults(_command=name)
+        add_config_arguments(sp, cls)
+    return parser
+
+
+def _load_config_file(path: str) -> dict:
+    text = open(path, encoding="utf-8").read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    # Distributed runs log on rank 0 only; other ranks keep warnings and errors.
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    level = logging.WARNING if quiet or rank != 0 else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("toucan").setLevel(level)
+
+
+def run_command(name: str, cfg: Any) -> int:
+    module, func = COMMANDS[name][1].split(":")
+    result = getattr(importlib.import_module(module), func)(cfg)
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns, extra = parser.parse_known_args(argv)
+    name = getattr(ns, "_command", None)
+    if name is None:
+        if getattr(ns, "command", None):  # a group given without its subcommand
+            parser.parse_args([ns.command, "--help"])
+        parser.print_help()
+        return 2
+    if extra and name not in PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    setup_logging(ns.verbose, ns.quiet)
+    cls = COMMANDS[name][0]
+    try:
+        if ns.config:
+            defaults = _load_config_file(ns.config)
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(defaults) - known
+            if unknown:
+                raise ConfigError(f"{ns.config}: unknown option(s) for '{name}': {', '.join(sorted(unknown))}")
+            for k, v in defaults.items():  # flags given on the command line win over the file
+                if getattr(ns, k, None) is None:
+                    setattr(ns, k, v)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.metadata.get("required") and getattr(ns, f.name, None) in (None, [])]
+        if missing:
+            parser.error(f"{name}: missing required option(s): " + ", ".join(f"--{m}" for m in missing))
+        cfg = config_from_args(cls, ns, extra)
+        return run_command(name, cfg)
+    except ToucanError as e:
+        print(f"toucan {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"toucan {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

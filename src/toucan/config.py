@@ -1,0 +1,151 @@
+"""Every command's options and their defaults: the one place defaults live.
+
+Each command is a function taking one of these dataclasses (see COMMANDS in toucan.cli); the CLI
+is generated from the fields: `--field_name` and `--field-name` both work, booleans get
+`--x/--no-x`, list fields take several values, `help=` is what `toucan CMD --help` prints.
+Use `opt(default, "help", "--alias")` for a field; `positional=True` makes it an argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .prompts import DEFAULT_TEMPLATE, TEMPLATES
+
+
+def opt(default: Any = None, help: str = "", *aliases: str, positional: bool = False,
+        choices: list | tuple | None = None, required: bool = False, metavar: str | None = None):
+    meta = {"help": help, "aliases": aliases, "positional": positional, "choices": choices,
+            "required": required, "metavar": metavar}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation settings shared by chat, web, serve and eval. The original demo's sliders were
+# temperature 0.5, top-p 0.75, top-k 40, beams 4, repetition penalty 1.2, 512 new tokens; beams=4
+# made the sampling sliders do nothing, so sampling with one beam is our default.
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = opt(512, "most tokens to generate per reply", "--max-tokens")
+    temperature: float = opt(0.5, "sampling temperature (0 = greedy)")
+    top_p: float = opt(0.75, "nucleus sampling: keep the smallest token set with this much probability")
+    top_k: int = opt(40, "sample among the k most likely tokens (0 = no limit)")
+    repetition_penalty: float = opt(1.2, "penalise tokens already generated (1.0 = off)")
+    num_beams: int = opt(1, "beam search width (>1 disables sampling and streaming token by token)")
+    do_sample: bool = opt(True, "sample (True) or decode greedily (False)")
+    seed: Optional[int] = opt(None, "random seed for sampling (None = nondeterministic)")
+    stop: list[str] = opt([], "stop strings: generation ends before any of them (not printed)")
+
+
+@dataclass
+class ModelOptions:
+    template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
+    dtype: str = opt("auto", "auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+
+
+# ----------------------------------------------------------------------------------------------
+# toucan data
+
+@dataclass
+class DataConfig:
+    """Load, validate, sample, deduplicate and tokenize Alpaca-format instruction data."""
+
+    data_path: list[str] = opt([], "JSON array or JSON Lines files; FILE:0.5 keeps a fraction, FILE:1000 a count",
+                               positional=True, metavar="FILE[:N]")
+    tokenizer: Optional[str] = opt(None, "tokenizer directory or SentencePiece .model (needed for token counts)")
+    template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))
+    max_len: int = opt(512, "maximum tokens per example (prompt + response + EOS)", "--model_max_length")
+    min_response_tokens: int = opt(1, "drop examples whose response has fewer tokens")
+    seed: int = opt(42, "seed for sampling and shuffling")
+    shuffle: bool = opt(True, "shuffle records (seeded)")
+    dedup: bool = opt(True, "drop records whose (instruction, input, output) repeats")
+    drop_too_long: bool = opt(False, "drop over-long examples instead of truncating their response")
+    skip_bad: bool = opt(False, "skip malformed records (reported with file and line) instead of failing")
+    stats: bool = opt(False, "print a report: records, token-length percentiles, how many get truncated")
+    output: Optional[str] = opt(None, "write the cleaned records as JSON Lines here")
+
+
+# ----------------------------------------------------------------------------------------------
+# toucan train  (flag names follow the original: HF Trainer's)
+
+@dataclass
+class TrainConfig:
+    """Supervised fine-tuning (full or LoRA) with the HF Trainer; also under torchrun / DeepSpeed / FSDP."""
+
+    model_name_or_path: str = opt(None, "base model directory", required=True)
+    data_path: list[str] = opt([], "training data (same syntax as `toucan data`)", required=True)
+    output_dir: str = opt(None, "where the fine-tuned model (and checkpoints) go", required=True)
+    tokenizer: Optional[str] = opt(None, "tokenizer directory (default: the model's); embeddings are resized to it")
+    template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))
+    model_max_length: int = opt(512, "maximum tokens per example", "--max_len")
+    finetuning_type: str = opt("full", "full or lora", choices=["full", "lora"])
+    lora_rank: int = opt(8, "LoRA rank")
+    lora_alpha: float = opt(16.0, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_target: list[str] = opt(["q_proj", "v_proj"], "modules LoRA adapts (or 'all-linear')")
+    lora_train_embeddings: bool = opt(False, "also train embed_tokens and lm_head (for an extended vocabulary)")
+    packing: bool = opt(False, "pack examples into full rows (no cross-example attention)")
+    num_train_epochs: float = opt(3.0, "epochs")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1 = by epochs)")
+    per_device_train_batch_size: int = opt(2, "batch size per device")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    learning_rate: float = opt(2e-5, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = opt(0.03, "fraction of steps for linear warm-up")
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule")
+    logging_steps: int = opt(10, "log every N steps")
+    save_steps: int = opt(500, "checkpoint every N steps")
+    save_total_limit: Optional[int] = opt(2, "keep at most N checkpoints")
+    seed: int = opt(42, "seed for init, data order and dropout")
+    bf16: bool = opt(False, "bfloat16 mixed precision (GPU)")
+    fp16: bool = opt(False, "float16 mixed precision (GPU)")
+    tf32: Optional[bool] = opt(None, "allow TF32 matmuls (Ampere+ GPUs)")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    deepspeed: Optional[str] = opt(None, "DeepSpeed config: a JSON file or a shipped name (zero2, zero3, zero3_offload, ...)")
+    fsdp: bool = opt(False, "shard with FSDP (torch FSDP2; also works on CPU with gloo)")
+    resume_from_checkpoint: Optional[str] = opt(None, "checkpoint directory, or 'auto' for the latest in output_dir")
+    skip_bad: bool = opt(False, "skip malformed data records instead of failing")
+    report_to: str = opt("none", "where the Trainer reports (none, tensorboard, wandb)")
+    extra_args: list[str] = opt([], "further HF TrainingArguments flags, passed through")
+
+
+# ----------------------------------------------------------------------------------------------
+# toucan chat
+
+@dataclass
+class ChatConfig(GenerationOptions, ModelOptions):
+    """Chat with a model in the terminal (streaming, multi-turn)."""
+
+    model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
+    plain: bool = opt(False, "non-interactive: read the prompt from stdin, write the answer to stdout")
+
+
+# ----------------------------------------------------------------------------------------------
+# toucan demo
+
+@dataclass
+class DemoConfig:
+    """The whole recipe at toy scale, offline on a CPU: data -> SFT -> ... -> chat transcript."""
+
+    output_dir: str = opt("runs/demo", "run folder (everything the demo makes goes here)")
+    seed: int = opt(0, "seed for data, model and training")
+    train_examples: int = opt(6000, "generated training questions")
+    eval_examples: int = opt(200, "held-out generated questions for exact-match accuracy")
+    max_steps: int = opt(1200, "SFT optimizer steps")
+    threads: int = opt(0, "torch threads (0 = all cores)")
+
+
+# ----------------------------------------------------------------------------------------------
+# toucan verify
+
+@dataclass
+class VerifyConfig:
+    """Check a directory against its toucan.json manifest (sha256 of every file)."""
+
+    directory: str = opt(None, "directory written by toucan", positional=True)

@@ -1,0 +1,117 @@
+"""The one place prompts are built. Training, chat, web, the API server and evaluation all call
+`build_prompt` (or `messages_to_turns` + `build_prompt`), so the bytes a model is trained on are the
+bytes it is asked with. The original Toucan trained on the Alpaca prompt but demoed with another:
+that is the bug this module exists to prevent.
+
+Rendering (template "alpaca", Stanford Alpaca's prompt, exactly as the original Toucan trained):
+
+    single turn, no input:  {header}### Instruction:\n{instruction}\n\n### Response:
+    single turn, input:     {header_input}### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:
+
+and the training target is `{output}` followed by the EOS *token* (added as an id by toucan.data,
+never as text, so no tokenizer can split "</s>" into pieces).
+
+Multi-turn history: earlier turns are rendered, oldest first, between the header and the current
+turn, each as `### Instruction:\n{q}\n\n### Response:{a}\n\n` (an earlier turn's input, if any, is
+folded into its instruction as `{q}\n\n{input}`). With no history the result is byte-identical to the
+single-turn prompt, which is what the model saw in training. Which turns fit the context is decided
+by the caller (toucan.engine truncates oldest-first); this module only renders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    header: str            # used when the current turn has no input
+    header_input: str      # used when the current turn has an input
+    instruction: str       # "{instruction}" slot
+    input: str             # "{input}" slot
+    response: str          # what the model continues after
+    turn_sep: str          # between a finished answer and the next instruction
+
+
+ALPACA = Template(
+    name="alpaca",
+    header=("Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.\n\n"),
+    header_input=("Below is an instruction that describes a task, paired with an input that provides "
+                  "further context. Write a response that appropriately completes the request.\n\n"),
+    instruction="### Instruction:\n{instruction}\n\n",
+    input="### Input:\n{input}\n\n",
+    response="### Response:",
+    turn_sep="\n\n",
+)
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (ALPACA,)}
+DEFAULT_TEMPLATE = "alpaca"
+
+
+def get_template(name: str | Template = DEFAULT_TEMPLATE) -> Template:
+    if isinstance(name, Template):
+        return name
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ConfigError(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}") from None
+
+
+Turn = tuple[str, str]  # (user text, assistant text)
+
+
+def build_prompt(instruction: str, input: str = "", history: Iterable[Turn] = (),
+                 template: str | Template = DEFAULT_TEMPLATE, system: str | None = None) -> str:
+    """The text the model continues. `system`, when given, replaces the template's header."""
+    t = get_template(template)
+    header = system if system is not None else (t.header_input if input else t.header)
+    parts = [header]
+    for q, a in history:
+        parts.append(t.instruction.format(instruction=q) + t.response + a + t.turn_sep)
+    parts.append(t.instruction.format(instruction=instruction))
+    if input:
+        parts.append(t.input.format(input=input))
+    parts.append(t.response)
+    return "".join(parts)
+
+
+def fold_input(instruction: str, input: str = "") -> str:
+    """An earlier turn's instruction+input as one user message (how history keeps inputs)."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def messages_to_turns(messages: Sequence[dict]) -> tuple[str | None, list[Turn], str]:
+    """OpenAI-style messages -> (system, history, current instruction).
+
+    The last message must be the user's; user/assistant messages before it must alternate.
+    """
+    system = None
+    msgs = list(messages)
+    if msgs and msgs[0].get("role") == "system":
+        system = str(msgs.pop(0).get("content") or "")
+    if not msgs or msgs[-1].get("role") != "user":
+        raise ConfigError("the last message must have role 'user'")
+    history: list[Turn] = []
+    pending: str | None = None
+    for i, m in enumerate(msgs[:-1]):
+        role, content = m.get("role"), str(m.get("content") or "")
+        if role == "user" and pending is None:
+            pending = content
+        elif role == "assistant" and pending is not None:
+            history.append((pending, content))
+            pending = None
+        else:
+            raise ConfigError(f"message {i}: expected role {'user' if pending is None else 'assistant'}, got {role!r}")
+    if pending is not None:
+        raise ConfigError("two user messages in a row before the last one")
+    return system, history, str(msgs[-1].get("content") or "")
+
+
+def chat_prompt(messages: Sequence[dict], template: str | Template = DEFAULT_TEMPLATE) -> str:
+    system, history, instruction = messages_to_turns(messages)
+    return build_prompt(instruction, history=history, template=template, system=system)

@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[deepspeed,test]'
-	# GPTQModel builds against the torch already installed, so no build isolation.
+	# GPTQModel builds against the torch already installed, so no build isolation
+	# (an isolated build env would fetch the newest torch, a multi-GB CUDA wheel).
+	$(PIP) install -q setuptools wheel
 	$(PIP) install --no-build-isolation 'gptqmodel==7.6.*'
 	touch $(STAMP)
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .prompts import DEFAULT_TEMPLATE, build_prompt
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,13 @@ class Record:
     input: str = ""
     history: list[tuple[str, str]] = field(default_factory=list)
     file: str = ""
-    line: int | None = None     # JSON Lines: 1-based line number
+    line: int | None = None     # 1-based line where the record starts (JSON Lines and arrays)
     index: int | None = None    # JSON array: 0-based element index
 
     def where(self) -> str:
-        loc = f"line {self.line}" if self.line is not None else f"record {self.index}"
-        return f"{self.file}, {loc}"
+        loc = [f"line {self.line}"] if self.line is not None else []
+        loc += [f"record {self.index}"] if self.index is not None else []
+        return ", ".join([self.file, *loc])
 
 
 def _validate(obj, file: str, line: int | None, index: int | None) -> Record:
@@ -50,15 +52,15 @@ def _validate(obj, file: str, line: int | None, index: int | None) -> Record:
         return DataError(msg, file=file, line=line, index=index, field=fld)
 
     if not isinstance(obj, dict):
-        raise err(f"expected a JSON object, got {type(obj).__name__}")
+        raise err(f"expected a JSON object, got {_json_type(obj)}")
     for k in REQUIRED:
         if k not in obj:
             raise err("missing", k)
         if not isinstance(obj[k], str):
-            raise err(f"must be a string, got {type(obj[k]).__name__}", k)
+            raise err(f"must be a string, got {_json_type(obj[k])}", k)
     for k in OPTIONAL_STR:
         if k in obj and obj[k] is not None and not isinstance(obj[k], str):
-            raise err(f"must be a string, got {type(obj[k]).__name__}", k)
+            raise err(f"must be a string, got {_json_type(obj[k])}", k)
     if not obj["instruction"].strip():
         raise err("is empty", "instruction")
     if not obj["output"].strip():
@@ -67,23 +69,93 @@ def _validate(obj, file: str, line: int | None, index: int | None) -> Record:
     if not isinstance(history, list) or not all(
             isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in history):
         raise err("must be a list of [question, answer] string pairs", "history")
+    # JSON's \ud800-style escapes can smuggle in lone surrogates, which are valid Python str but
+    # cannot be tokenized or written back as UTF-8: reject them here, where we can name the field.
+    for k in (*REQUIRED, *OPTIONAL_STR):
+        if isinstance(obj.get(k), str) and _has_surrogate(obj[k]):
+            raise err("contains an unpaired UTF-16 surrogate escape", k)
+    if any(_has_surrogate(s) for t in history for s in t):
+        raise err("contains an unpaired UTF-16 surrogate escape", "history")
     return Record(instruction=obj["instruction"], output=obj["output"], input=obj.get("input") or "",
                   history=[tuple(t) for t in history], file=file, line=line, index=index)
 
 
+def _json_type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+_DECODER = json.JSONDecoder()
+_WS = " \t\n\r"
+
+
+def _iter_array(text: str, path: str, line_of) -> Iterator[tuple[int, int, object]]:
+    """Yield (index, line, value) for each element of a top-level JSON array.
+
+    Written by hand because json.loads gives no element positions (we want every record's line)
+    and fails the whole file on one bad element; datasets/pyarrow's JSON reader reports neither.
+    A syntax error inside the array cannot be skipped (we would not know where the next element
+    starts), so it always raises, naming its line."""
+    def fail(msg, pos):
+        raise DataError(msg, file=path, line=line_of(pos)) from None
+
+    pos = text.index("[") + 1
+    n = len(text)
+    i = 0
+    while True:
+        while pos < n and text[pos] in _WS:
+            pos += 1
+        if pos >= n:
+            fail("invalid JSON (unterminated array: expected ']')", pos)
+        if text[pos] == "]" and i == 0:
+            pos += 1
+            break
+        start = pos
+        try:
+            value, pos = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            fail(f"invalid JSON ({e.msg})", e.pos)
+        except RecursionError:
+            fail("invalid JSON (nested too deeply)", start)
+        yield i, line_of(start), value
+        i += 1
+        while pos < n and text[pos] in _WS:
+            pos += 1
+        if pos < n and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < n and text[pos] == "]":
+            pos += 1
+            break
+        fail("invalid JSON (expected ',' or ']' after an array element)", pos)
+    while pos < n and text[pos] in _WS:
+        pos += 1
+    if pos < n:
+        fail("invalid JSON (extra data after the array)", pos)
+
+
 def iter_records(path: str | Path, skip_bad: bool = False, bad: list | None = None) -> Iterator[Record]:
-    """Yield validated records. A bad record raises DataError (file, line/index, field) unless
-    skip_bad, in which case the error is appended to `bad` and the record skipped."""
+    """Yield validated records from a JSON array or JSON Lines file.
+
+    A bad record raises DataError (file, line and/or array index, field) unless skip_bad, in which
+    case the error is appended to `bad` and the record skipped. Errors that leave no record to
+    skip to (unreadable file, a non-UTF-8 or syntactically broken JSON array) always raise.
+    Lines are counted on b"\n" like editors do (str.splitlines would also split on U+2028 etc.)."""
     path = str(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"cannot read file ({e.strerror or e})", file=path) from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"not UTF-8 text (byte {e.start})", file=path, line=line) from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Windows editors)
+        raw = raw[3:]
 
     def handle(e: DataError):
         if not skip_bad:
@@ -91,30 +163,147 @@ def iter_records(path: str | Path, skip_bad: bool = False, bad: list | None = No
         if bad is not None:
             bad.append(e)
 
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    if raw.lstrip(b" \t\r\n").startswith(b"["):
         try:
-            arr = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg})", file=path, line=e.lineno) from None
-        for i, obj in enumerate(arr):
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"not UTF-8 text (byte {e.start})", file=path,
+                            line=raw[:e.start].count(b"\n") + 1) from None
+        # line of a character offset; offsets only grow, so count newlines incrementally (O(n))
+        state = [0, 1]  # last offset, its line
+
+        def line_of(pos: int) -> int:
+            if pos >= state[0]:
+                state[1] += text.count("\n", state[0], pos)
+                state[0] = pos
+                return state[1]
+            return text.count("\n", 0, pos) + 1
+
+        for i, ln, obj in _iter_array(text, path, line_of):
             try:
-                yield _validate(obj, path, None, i)
+                yield _validate(obj, path, ln, i)
             except DataError as e:
                 handle(e)
         return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for n, bline in enumerate(raw.split(b"\n"), 1):
+        if not bline.strip():
+            continue
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError as e:
+            handle(DataError(f"not UTF-8 text (byte {e.start} of the line)", file=path, line=n))
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             handle(DataError(f"invalid JSON ({e.msg})", file=path, line=n))
             continue
+        except RecursionError:
+            handle(DataError("invalid JSON (nested too deeply)", file=path, line=n))
+            continue
         try:
             yield _validate(obj, path, n, None)
         except DataError as e:
             handle(e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several files -> one list of records: the spec syntax shared by `toucan data` and `toucan train`.
+
+@dataclass
+class FileReport:
+    spec: str
+    path: str
+    sample: str = "all"          # "all", "fraction 0.5", "count 1000"
+    read: int = 0                # valid records in the file
+    bad: int = 0                 # skipped with --skip-bad
+    duplicates: int = 0          # dropped as repeats (of this file or an earlier one)
+    kept: int = 0                # after dedup and sampling
+
+
+@dataclass
+class DataReport:
+    files: list[FileReport] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)   # "file, line N, field 'x': message"
+    records: int = 0
+
+    def to_dict(self) -> dict:
+        return {"records": self.records, "files": [vars(f) for f in self.files], "bad": self.bad}
+
+
+def parse_spec(spec: str) -> tuple[str, float | int | None]:
+    """"FILE" -> (FILE, None); "FILE:0.5" -> fraction (has a '.'; 0 < x <= 1); "FILE:1000" -> count.
+    An existing file whose name contains ':' is taken as a plain path."""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or Path(spec).exists() or not path:
+        return spec, None
+    try:
+        if any(c in tail for c in ".eE"):
+            frac = float(tail)
+            if not 0 < frac <= 1:
+                raise ConfigError(f"{spec}: a sampling fraction must be in (0, 1], got {tail}")
+            return path, frac
+        count = int(tail)
+    except ValueError:
+        return spec, None  # not a sampling suffix: let the read fail naming the whole spec
+    if count < 0:
+        raise ConfigError(f"{spec}: a sampling count must be >= 0, got {tail}")
+    return path, count
+
+
+def dedup_key(rec: Record) -> tuple:
+    return (rec.instruction.strip(), rec.input.strip(), rec.output.strip(),
+            tuple((q.strip(), a.strip()) for q, a in rec.history))
+
+
+def load_dataset_spec(paths: Sequence[str], seed: int = 42, shuffle: bool = True, dedup: bool = True,
+                      skip_bad: bool = False) -> tuple[list[Record], DataReport]:
+    """The final list of records for `toucan data` / `toucan train` from CLI-style specs.
+
+    Order of operations: read and validate each file; drop repeats (the first occurrence, across
+    all files in the given order, wins); sample each file (`FILE:0.5` keeps a seeded random half
+    of what is left, `FILE:1000` 1000 records, all if fewer); concatenate; shuffle (seeded).
+    Sampled records keep file order, so with shuffle=False the output follows the inputs."""
+    if not paths:
+        raise ConfigError("no data files given")
+    report = DataReport()
+    seen: set[tuple] = set()
+    out: list[Record] = []
+    for i, spec in enumerate(paths):
+        path, amount = parse_spec(spec)
+        fr = FileReport(spec=spec, path=path)
+        bad: list[DataError] = []
+        recs = []
+        for rec in iter_records(path, skip_bad=skip_bad, bad=bad):
+            fr.read += 1
+            if dedup:
+                key = dedup_key(rec)
+                if key in seen:
+                    fr.duplicates += 1
+                    continue
+                seen.add(key)
+            recs.append(rec)
+        fr.bad = len(bad)
+        report.bad += [str(e) for e in bad]
+        if amount is not None:
+            k = round(len(recs) * amount) if isinstance(amount, float) else min(amount, len(recs))
+            fr.sample = f"fraction {amount}" if isinstance(amount, float) else f"count {amount}"
+            if isinstance(amount, int) and amount > len(recs):
+                log.warning("%s: asked for %d records, only %d available: using all", spec, amount, len(recs))
+            # str seeds hash deterministically (sha512), unlike hash() of a tuple under PYTHONHASHSEED
+            keep = sorted(random.Random(f"{seed}/{i}/{path}").sample(range(len(recs)), k))
+            recs = [recs[j] for j in keep]
+        fr.kept = len(recs)
+        report.files.append(fr)
+        out += recs
+    if shuffle:
+        random.Random(seed).shuffle(out)
+    report.records = len(out)
+    for msg in report.bad[:20]:
+        log.warning("skipped bad record: %s", msg)
+    if len(report.bad) > 20:
+        log.warning("... and %d more bad records", len(report.bad) - 20)
+    return out, report
 
 
 def record_prompt(rec: Record, template: str = DEFAULT_TEMPLATE) -> str:

@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "chat": (C.ChatConfig, "toucan.serve.chat:run_chat"),
     "demo": (C.DemoConfig, "toucan.demo:run_demo"),
     "verify": (C.VerifyConfig, "toucan.manifest:run_verify"),
+    "eval generate": (C.EvalGenerateConfig, "toucan.eval.generate:run_eval_generate"),
+    "eval judge": (C.EvalJudgeConfig, "toucan.eval.judge:run_eval_judge"),
+    "eval report": (C.EvalReportConfig, "toucan.eval.report:run_eval_report"),
 }
 
 # Commands whose unknown --flags are collected into the config's `extra_args` (HF Trainer flags).

@@ -142,6 +142,57 @@ class DemoConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# toucan eval generate | judge | report  (BELLE's judge method; see toucan/eval/)
+
+@dataclass
+class EvalGenerateConfig(GenerationOptions, ModelOptions):
+    """Answer every eval-set question with a model (batched, resumable)."""
+
+    model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
+    eval_set: str = opt(None, "BELLE eval set: JSON Lines (or array) of {question, class, std_answer}", required=True)
+    output: str = opt(None, "answers file (JSON Lines); an existing one is resumed", required=True)
+    model_name: Optional[str] = opt(None, "name shown in the report (default: the model directory's name)")
+    batch_size: int = opt(8, "questions per generate call")
+    limit: Optional[int] = opt(None, "answer only the first N questions (quick runs)")
+    # Evaluation defaults to greedy decoding so a rerun gives the same answers (the shared
+    # sampling defaults are for chatting).
+    do_sample: bool = opt(False, "sample (True) or decode greedily (False)")
+
+
+@dataclass
+class EvalJudgeConfig:
+    """Score answers with BELLE's judge prompts on any OpenAI-compatible endpoint (cached), or offline."""
+
+    answers: str = opt(None, "answers file written by `toucan eval generate`", required=True)
+    output: str = opt(None, "scores file (JSON Lines)", required=True)
+    prompts: Optional[str] = opt(None, "BELLE eval_prompt.json (judge prompt per class; needed by the LLM judge)")
+    judge: str = opt("llm", "llm: an OpenAI-compatible judge; reference: offline character ROUGE-L "
+                            "against std_answer (NOT comparable with LLM-judge scores)", choices=["llm", "reference"])
+    judge_url: Optional[str] = opt(None, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 "
+                                         "(default: the openai client's, i.e. $OPENAI_BASE_URL or OpenAI)")
+    judge_model: str = opt("gpt-3.5-turbo", "judge model name (BELLE used gpt-3.5-turbo)")
+    api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the judge's API key")
+    temperature: float = opt(0.0, "judge sampling temperature (BELLE: 0)")
+    max_tokens: Optional[int] = opt(None, "cap on each judge reply's tokens (default: the endpoint's)")
+    concurrency: int = opt(8, "judge requests in flight at once")
+    retries: int = opt(6, "retries per request on 429, 5xx, timeouts and connection errors (exponential backoff)")
+    timeout: float = opt(120.0, "seconds before one judge request times out (then retried)")
+    out_of_range: str = opt("reject", "a parsed score outside 0..1: reject (counted as a parse failure) or clamp",
+                            choices=["reject", "clamp"])
+    cache: Optional[str] = opt(None, "judge cache (JSON Lines) keyed by (judge model, message); "
+                                     "default: judge_cache.jsonl beside --output, shared by the models judged there")
+
+
+@dataclass
+class EvalReportConfig:
+    """The score table (Markdown, CSV, JSON) and a bar chart from one or more scores files."""
+
+    scores: list[str] = opt([], "scores files written by `toucan eval judge` (one per model)",
+                            positional=True, required=True, metavar="SCORES")
+    output: str = opt(None, "report directory (written atomically)", required=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # toucan verify
 
 @dataclass

@@ -321,11 +321,9 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> Encoded | None:
-    """Tokenize one (prompt, response) pair by the rule in the module docstring.
-    Returns None when the prompt leaves no room for a single response token."""
-    p = [tokenizer.bos_token_id] + encode_text(tokenizer, prompt)
-    r = encode_text(tokenizer, response) + [tokenizer.eos_token_id]
+def _assemble(tokenizer, prompt_ids: list[int], response_ids: list[int], max_len: int) -> Encoded | None:
+    p = [tokenizer.bos_token_id] + prompt_ids
+    r = response_ids + [tokenizer.eos_token_id]
     if len(p) >= max_len:
         return None
     truncated = len(p) + len(r) > max_len
@@ -333,5 +331,150 @@ def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> Encod
     return Encoded(p + r, [IGNORE_INDEX] * len(p) + r, truncated)
 
 
+def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> Encoded | None:
+    """Tokenize one (prompt, response) pair by the rule in the module docstring.
+    Returns None when the prompt leaves no room for a single response token."""
+    return _assemble(tokenizer, encode_text(tokenizer, prompt), encode_text(tokenizer, response), max_len)
+
+
 def encode_record(tokenizer, rec: Record, max_len: int, template: str = DEFAULT_TEMPLATE) -> Encoded | None:
     return encode_example(tokenizer, record_prompt(rec, template), rec.output, max_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many records at once: token lengths, length filtering, the --stats report.
+#
+# Why not datasets.map here: the records are already validated Python objects (datasets' JSON
+# reader cannot name the bad line), an in-memory Dataset.from_list().map() gets no disk cache, and
+# on 2 cores num_proc only adds pickling. What does help is the fast tokenizer's batched call
+# (Rust, parallel): ~1,500 alpaca_zh records/s here vs ~1,200 one by one. The trainer may wrap the
+# result in datasets.Dataset.from_dict for the HF Trainer.
+
+BATCH = 1000
+
+
+def token_lengths(tokenizer, records: Sequence[Record], template: str = DEFAULT_TEMPLATE
+                  ) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids) per record, without BOS/EOS, tokenized in batches."""
+    prompts, responses = [], []
+    for i in range(0, len(records), BATCH):
+        chunk = records[i:i + BATCH]
+        prompts += tokenizer([record_prompt(r, template) for r in chunk], add_special_tokens=False)["input_ids"]
+        responses += tokenizer([r.output for r in chunk], add_special_tokens=False)["input_ids"]
+    return prompts, responses
+
+
+@dataclass
+class LengthReport:
+    max_len: int
+    lengths: list[int] = field(default_factory=list)   # full example length (BOS..EOS), before truncation
+    truncated: int = 0            # longer than max_len: response cut, EOS lost
+    dropped_too_long: int = 0     # dropped with drop_too_long
+    dropped_no_room: int = 0      # prompt alone fills max_len
+    dropped_short: int = 0        # response shorter than min_response_tokens
+
+    def percentiles(self) -> dict[str, int]:
+        if not self.lengths:
+            return {}
+        import numpy as np
+
+        a = np.asarray(self.lengths)
+        # inverted_cdf: every figure is a length some example really has
+        out = {f"p{q}": int(np.percentile(a, q, method="inverted_cdf")) for q in (50, 90, 95, 99)}
+        out["max"] = int(a.max())
+        out["mean"] = round(float(a.mean()), 1)
+        return out
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in vars(self).items() if k != "lengths"}
+        d["examples"] = len(self.lengths)
+        d["token_length"] = self.percentiles()
+        return d
+
+
+def encode_records(tokenizer, records: Sequence[Record], max_len: int, template: str = DEFAULT_TEMPLATE,
+                   drop_too_long: bool = False, min_response_tokens: int = 1
+                   ) -> tuple[list[Record], list[Encoded], LengthReport]:
+    """Tokenize records by the module rule and apply the length filters.
+    Returns (kept records, their Encoded examples, report); `report.lengths` covers every input."""
+    rep = LengthReport(max_len=max_len)
+    kept, enc = [], []
+    for rec, p, r in zip(records, *token_lengths(tokenizer, records, template)):
+        n = 1 + len(p) + len(r) + 1
+        rep.lengths.append(n)
+        if len(r) < min_response_tokens:
+            rep.dropped_short += 1
+            continue
+        if n > max_len and drop_too_long:
+            rep.dropped_too_long += 1
+            continue
+        e = _assemble(tokenizer, p, r, max_len)
+        if e is None:
+            rep.dropped_no_room += 1
+            continue
+        rep.truncated += e.truncated
+        kept.append(rec)
+        enc.append(e)
+    return kept, enc, rep
+
+
+def record_to_json(rec: Record) -> dict:
+    d = {"instruction": rec.instruction, "input": rec.input, "output": rec.output}
+    if rec.history:
+        d["history"] = [list(t) for t in rec.history]
+    return d
+
+
+def run_data(cfg) -> int:
+    """`toucan data FILE[:N] ...`: validate, sample, dedup, shuffle, length-filter; --stats, --output."""
+    from .fsutil import atomic_write_text
+
+    if cfg.max_len < 2:
+        raise ConfigError(f"--max_len must be at least 2 (BOS + EOS), got {cfg.max_len}")
+    if cfg.drop_too_long and not cfg.tokenizer:
+        raise ConfigError("--drop_too_long needs --tokenizer (lengths are counted in tokens)")
+    records, report = load_dataset_spec(cfg.data_path, seed=cfg.seed, shuffle=cfg.shuffle,
+                                        dedup=cfg.dedup, skip_bad=cfg.skip_bad)
+    lengths = None
+    if cfg.tokenizer:
+        from .modeling import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer)
+        records, _, lengths = encode_records(tok, records, cfg.max_len, cfg.template,
+                                             cfg.drop_too_long, cfg.min_response_tokens)
+    summary = report.to_dict()
+    summary["kept"] = len(records)
+    if lengths is not None:
+        summary["length"] = lengths.to_dict()
+    if cfg.stats or not cfg.output:
+        print(format_stats(summary))
+    if cfg.output:
+        atomic_write_text(cfg.output, "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n"
+                                              for r in records))
+        print(f"wrote {len(records)} records to {cfg.output}")
+    return 0
+
+
+def format_stats(s: dict) -> str:
+    lines = [f"records: {s['kept']} kept of {sum(f['read'] for f in s['files'])} read"
+             f" ({len(s['bad'])} bad skipped)"]
+    for f in s["files"]:
+        lines.append(f"  {f['path']}: read {f['read']}, bad {f['bad']}, duplicates {f['duplicates']}, "
+                     f"sample {f['sample']}, kept {f['kept']}")
+    for b in s["bad"][:10]:
+        lines.append(f"  bad: {b}")
+    if len(s["bad"]) > 10:
+        lines.append(f"  ... and {len(s['bad']) - 10} more bad records")
+    L = s.get("length")
+    if L is None:
+        lines.append("token lengths: pass --tokenizer to count them")
+        return "\n".join(lines)
+    pct = L["token_length"]
+    if pct:
+        lines.append("token length (BOS + prompt + response + EOS): "
+                     + ", ".join(f"{k} {v}" for k, v in pct.items()))
+    lines.append(f"over max_len {L['max_len']}: {L['truncated'] + L['dropped_too_long']} "
+                 f"({L['truncated']} truncated, {L['dropped_too_long']} dropped); "
+                 f"no room for a response: {L['dropped_no_room']}; "
+                 f"response under min tokens: {L['dropped_short']}")
+    return "\n".join(lines)

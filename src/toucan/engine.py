@@ -1,0 +1,321 @@
+"""The one generation engine: chat, web, serve and eval all generate through `Engine`.
+
+    eng = Engine.from_dir("runs/demo/sft")                      # full precision or 4-bit GPTQ
+    eng.generate(prompt, GenerationOptions(...)) -> Completion(text, prompt_tokens, completion_tokens, finish_reason)
+    eng.generate_batch([p1, p2], opts)           -> [Completion, ...]   (left-padded batch)
+    for delta in eng.stream(prompt, opts): ...   -> text deltas; .completion afterwards, .cancel() to stop
+    prompt, kept = eng.chat_prompt(history, question, max_new_tokens)  # oldest turns dropped to fit
+
+Tokenisation follows toucan.data: input_ids = [BOS] + tokens(prompt). Prompts come only from
+toucan.prompts. Decoding is transformers' `generate` (its logits processors do temperature, top-p,
+top-k, repetition penalty; beam search is its own). What it lacks, and we add by hand in `_Rows`:
+  * per-row text tracking in a batch, so each row stops at its own stop strings / max tokens and
+    the stop string itself is never returned, and
+  * streaming deltas that never end inside a UTF-8 character split across byte-fallback tokens
+    (no U+FFFD mid-stream) and hold back text that may be the start of a stop string. Re-decoding
+    the whole reply each step is not prefix-stable (the ByteFallback decoder turns a whole byte run
+    into U+FFFDs when one byte is invalid, rewriting text already sent), so each token becomes its
+    bytes (SentencePiece: "<0xNN>" -> that byte, "▁" -> space) fed to the stdlib's incremental
+    UTF-8 decoder, which emits a character only once it is complete. For valid text this equals
+    tokenizer.decode (checked in tests/test_engine.py).
+transformers' TextIteratorStreamer does neither (batch size 1 only, no stop-string hold-back), and
+its `stop_strings` criterion stops generation but leaves the stop string in the output.
+`_Rows` is a StoppingCriteria because the criteria run every step on the full input_ids, before
+the streamer hook, in every transformers version: one place sees each token exactly once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import logging
+import queue
+import re
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from .config import GenerationOptions
+from .data import encode_text
+from .errors import ConfigError
+from .prompts import DEFAULT_TEMPLATE, Template, Turn, build_prompt, get_template, messages_to_turns
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ConfigError):
+    """The prompt alone does not fit the model's context (the API answers 400)."""
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max tokens / context), "cancelled"
+
+
+@dataclass
+class _Row:
+    """One sequence of a batch: decoded text, what has been emitted, why it finished."""
+
+    max_new_tokens: int
+    stop: Sequence[str]
+    on_text: Callable[[str], None] | None = None
+    cancel: threading.Event | None = None
+    n_tokens: int = 0          # generated tokens, EOS included
+    text: str = ""             # decoded so far (complete characters only), stop string cut off
+    emitted: int = 0           # chars of `text` already passed to on_text
+    finish_reason: str | None = None
+    decoder: codecs.IncrementalDecoder = dataclasses.field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+
+
+def _stop_cut(text: str, stop: Sequence[str], start: int = 0) -> int | None:
+    """Index of the earliest stop string in text[start:] (as an index into text), or None."""
+    hits = [i for s in stop if s and (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+def _holdback(text: str, stop: Sequence[str]) -> int:
+    """How many trailing chars might be the beginning of a stop string (so must not be emitted yet)."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class _Rows:
+    """StoppingCriteria over a batch: decodes each row's new token, finds EOS / stop strings /
+    per-row max tokens / cancellation, and streams safe text deltas. See the module docstring."""
+
+    def __init__(self, tokenizer, rows: list[_Row]):
+        self.tok, self.rows = tokenizer, rows
+        self.eos = tokenizer.eos_token_id
+        self.special = set(tokenizer.all_special_ids)
+        self.max_stop = max((len(s) for r in rows for s in r.stop), default=0)
+
+    def token_bytes(self, token: int) -> bytes:
+        if token in self.special:
+            return b""
+        piece = self.tok.convert_ids_to_tokens(token)
+        m = _BYTE_PIECE.fullmatch(piece)
+        return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode("utf-8")
+
+    def _emit(self, row: _Row, upto: int) -> None:
+        if upto > row.emitted:
+            if row.on_text is not None:
+                row.on_text(row.text[row.emitted:upto])
+            row.emitted = upto
+
+    def step(self, row: _Row, token: int) -> None:
+        if row.finish_reason is not None:
+            return
+        row.n_tokens += 1
+        if token == self.eos:
+            self.finish(row, "stop")
+            return
+        new = row.decoder.decode(self.token_bytes(token))
+        if not row.text:  # the tokenizer's decoder strips the reply's leading space ("▁" of word 1)
+            new = new.removeprefix(" ")
+        start = max(0, len(row.text) - self.max_stop + 1)
+        row.text += new
+        cut = _stop_cut(row.text, row.stop, start) if new else None
+        if cut is not None:
+            row.text = row.text[:cut]
+            self.finish(row, "stop")
+        elif row.n_tokens >= row.max_new_tokens:
+            self.finish(row, "length")
+        elif row.cancel is not None and row.cancel.is_set():
+            self.finish(row, "cancelled")
+        else:
+            self._emit(row, len(row.text) - _holdback(row.text, row.stop))
+
+    def finish(self, row: _Row, reason: str) -> None:
+        # Bytes of a character cut off by the token limit are dropped, not shown as U+FFFD.
+        row.finish_reason = reason
+        self._emit(row, len(row.text))
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        last = input_ids[:, -1].tolist()
+        for row, tok in zip(self.rows, last):
+            if row.finish_reason is None and row.cancel is not None and row.cancel.is_set():
+                self.finish(row, "cancelled")
+            else:
+                self.step(row, tok)
+        return torch.tensor([r.finish_reason is not None for r in self.rows], device=input_ids.device)
+
+
+class Stream:
+    """Iterate for text deltas (generation runs in a worker thread). After the iteration,
+    `.completion` holds the Completion. `.cancel()` (or closing the iterator early) stops it."""
+
+    def __init__(self, engine: "Engine", prompt: str, opts: GenerationOptions):
+        self._q: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self.completion: Completion | None = None
+        self._error: BaseException | None = None
+        ids = engine.encode(prompt)
+        engine.check_fits(len(ids))  # raise here, in the caller's thread
+
+        def work():
+            try:
+                self.completion = engine._run([ids], opts, on_text=[self._q.put], cancel=[self._cancel])[0]
+            except BaseException as e:  # re-raised in the consumer's thread
+                self._error = e
+            finally:
+                self._q.put(None)
+
+        self._thread = threading.Thread(target=work, name="toucan-generate", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while (delta := self._q.get()) is not None:
+                yield delta
+        finally:
+            self.cancel()  # a consumer that stops early (client gone) stops the generation
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+class Engine:
+    def __init__(self, model, tokenizer, template: str | Template = DEFAULT_TEMPLATE,
+                 max_context: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.template = get_template(template)
+        self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
+        # One generation at a time on a model: forward passes are not re-entrant-safe with a shared
+        # KV-cache layout, and a seeded generation needs the global RNG to itself. Concurrency comes
+        # from batching (toucan.serve.api batches waiting requests into one generate call).
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_dir(cls, path, device: str = "auto", dtype: str = "auto", template: str | Template = DEFAULT_TEMPLATE,
+                 max_context: int | None = None) -> "Engine":
+        from .modeling import load_model, load_tokenizer
+
+        return cls(load_model(path, device=device, dtype=dtype), load_tokenizer(path), template, max_context)
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        """The rule in toucan.data: [BOS] + tokens(prompt)."""
+        return [self.tokenizer.bos_token_id] + encode_text(self.tokenizer, prompt)
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.encode(prompt))
+
+    def check_fits(self, n_prompt_tokens: int) -> None:
+        if n_prompt_tokens >= self.max_context:
+            raise PromptTooLongError(f"the prompt is {n_prompt_tokens} tokens; this model's context is "
+                                     f"{self.max_context} (and at least one token must be generated)")
+
+    def chat_prompt(self, history: Sequence[Turn], instruction: str, max_new_tokens: int,
+                    system: str | None = None, input: str = "") -> tuple[str, list[Turn]]:
+        """The prompt for `instruction` after `history`, dropping the oldest turns until
+        [BOS] + prompt + max_new_tokens fits the context. Returns (prompt, the turns kept).
+        When even the bare question does not fit, it is returned as is (generation then raises
+        PromptTooLongError or is shortened to the room left)."""
+        history = list(history)
+        budget = self.max_context - max_new_tokens
+        while True:
+            prompt = build_prompt(instruction, input, history, self.template, system=system)
+            if not history or self.count_tokens(prompt) <= budget:
+                return prompt, history
+            history.pop(0)
+
+    def messages_prompt(self, messages: Sequence[dict], max_new_tokens: int) -> str:
+        """OpenAI-style messages -> prompt (a system message replaces the template's header;
+        see toucan.prompts), oldest turns dropped to fit."""
+        system, history, instruction = messages_to_turns(messages)
+        return self.chat_prompt(history, instruction, max_new_tokens, system=system)[0]
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(self, prompt: str, opts: GenerationOptions | None = None) -> Completion:
+        return self.generate_batch([prompt], opts)[0]
+
+    def generate_batch(self, prompts: Sequence[str], opts: GenerationOptions | None = None) -> list[Completion]:
+        ids = [self.encode(p) for p in prompts]
+        for x in ids:
+            self.check_fits(len(x))
+        return self._run(ids, opts or GenerationOptions())
+
+    def stream(self, prompt: str, opts: GenerationOptions | None = None) -> Stream:
+        return Stream(self, prompt, opts or GenerationOptions())
+
+    def generation_config(self, opts: GenerationOptions, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        beams = max(1, opts.num_beams)
+        sample = opts.do_sample and opts.temperature > 0 and beams == 1
+        kw = dict(max_new_tokens=max_new_tokens, num_beams=beams, do_sample=sample,
+                  repetition_penalty=opts.repetition_penalty, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+        if sample:
+            kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
+        else:  # greedy/beam: unset the sampling knobs so transformers does not warn about them
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return GenerationConfig(**kw)
+
+    def _run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
+             cancel: list | None = None, max_new_tokens: list[int] | None = None,
+             stop: list[Sequence[str]] | None = None) -> list[Completion]:
+        """Generate for a left-padded batch. Per-row max_new_tokens / stop / on_text / cancel
+        (default: from opts); the rest of opts is shared by the batch."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        n = len(ids)
+        assert n > 0
+        rows = []
+        for i, x in enumerate(ids):
+            want = max_new_tokens[i] if max_new_tokens else opts.max_new_tokens
+            room = self.max_context - len(x)  # never run past the position embeddings
+            rows.append(_Row(max_new_tokens=max(1, min(want, room)), stop=[s for s in (stop[i] if stop else opts.stop) if s],
+                             on_text=on_text[i] if on_text else None, cancel=cancel[i] if cancel else None))
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        device = self.model.device
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        gen_cfg = self.generation_config(opts, max(r.max_new_tokens for r in rows))
+        beams = gen_cfg.num_beams > 1
+        tracker = _Rows(self.tokenizer, rows)
+        kw = {}
+        if beams:
+            # Beam rows are hypotheses, not requests: stop strings go to transformers' own
+            # criterion and the text is cut afterwards (beam search cannot stream anyway).
+            if any(r.stop for r in rows):
+                gen_cfg.stop_strings = sorted({s for r in rows for s in r.stop})
+                kw["tokenizer"] = self.tokenizer
+        else:
+            kw["stopping_criteria"] = StoppingCriteriaList([tracker])
+        with self.lock, torch.inference_mode():
+            if opts.seed is not None:
+                torch.manual_seed(opts.seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg, **kw)
+        if beams:
+            for row, seq in zip(rows, out[:, width:].tolist()):
+                for tok in seq:
+                    tracker.step(row, tok)
+                    if row.finish_reason is not None:
+                        break
+        for row in rows:  # ended by transformers' own max length before ours (e.g. beams)
+            if row.finish_reason is None:
+                tracker.finish(row, "length")
+        return [Completion(r.text, len(x), r.n_tokens, r.finish_reason) for r, x in zip(rows, ids)]

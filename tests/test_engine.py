@@ -1,0 +1,184 @@
+"""Engine tests on real tiny models: stop strings (also split across tokens), multi-byte streaming,
+history truncation, batching, beams, cancellation."""
+
+import threading
+
+import pytest
+import torch
+
+from toucan.config import GenerationOptions
+from toucan.data import encode_example
+from toucan.engine import Engine, PromptTooLongError, _Row, _Rows
+from toucan.modeling import tiny_llama
+
+GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
+# "鳕" and "鱼" are not in the tiny tokenizer: they are byte-fallback tokens (3 bytes each).
+REPLY = "鳕鱼很好吃。"
+
+
+@pytest.fixture(scope="module")
+def parrot(tiny_tok):
+    """A tiny LLaMA overfitted (plain AdamW, a few seconds) to answer '你好' with REPLY + EOS."""
+    from toucan.prompts import build_prompt
+
+    torch.manual_seed(0)
+    model = tiny_llama(len(tiny_tok), tokenizer=tiny_tok)
+    enc = encode_example(tiny_tok, build_prompt("你好"), REPLY, 256)
+    x, y = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(80):
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert loss.item() < 0.05
+    return Engine(model, tiny_tok)
+
+
+@pytest.fixture(scope="module")
+def rand_engine(tiny_tok):
+    return Engine(tiny_llama(len(tiny_tok), tokenizer=tiny_tok, seed=1).eval(), tiny_tok)
+
+
+def test_multibyte_stream_has_no_replacement_char_and_stops_at_eos(parrot, tiny_tok):
+    ids = tiny_tok(REPLY, add_special_tokens=False)["input_ids"]
+    assert any(tiny_tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # really byte-fallback
+    prompt = parrot.chat_prompt([], "你好", 32)[0]
+    s = parrot.stream(prompt, GenerationOptions(max_new_tokens=32, **GREEDY))
+    deltas = list(s)
+    assert "".join(deltas) == REPLY
+    assert len(deltas) >= 4 and all("\ufffd" not in d for d in deltas)
+    assert s.completion.finish_reason == "stop"  # EOS
+    assert s.completion.completion_tokens == len(ids) + 1  # EOS counted
+    assert s.completion.prompt_tokens == len(parrot.encode(prompt))
+    assert parrot.generate(prompt, GenerationOptions(max_new_tokens=32, **GREEDY)).text == REPLY
+
+
+@pytest.mark.parametrize("stop", ["很好", "鱼很", "鳕", "。"])
+def test_stop_string_never_returned_or_streamed(parrot, stop):
+    # "鱼很" spans a byte-fallback character and a normal token; "。" is the last token.
+    prompt = parrot.chat_prompt([], "你好", 32)[0]
+    opts = GenerationOptions(max_new_tokens=32, stop=["不会出现", stop], **GREEDY)
+    s = parrot.stream(prompt, opts)
+    deltas = list(s)
+    want = REPLY[:REPLY.index(stop)]
+    assert "".join(deltas) == want  # nothing of the stop string was ever sent: deltas are never retracted
+    assert s.completion.text == want and s.completion.finish_reason == "stop"
+    assert parrot.generate(prompt, opts).text == want
+
+
+def test_stop_prefix_is_released_when_it_does_not_complete(parrot):
+    prompt = parrot.chat_prompt([], "你好", 32)[0]
+    # "好吃" starts like "好X": held back one step, then released when "吃" arrives
+    s = parrot.stream(prompt, GenerationOptions(max_new_tokens=32, stop=["好X"], **GREEDY))
+    assert "".join(s) == REPLY
+
+
+def test_token_bytes_decode_equals_tokenizer_decode(tiny_tok):
+    text = "鳕鱼 hello 你好，世界！ x=1; 很好吃。\n第二行"
+    ids = tiny_tok(text, add_special_tokens=False)["input_ids"]
+    got = []
+    row = _Row(max_new_tokens=1000, stop=[], on_text=got.append)
+    tracker = _Rows(tiny_tok, [row])
+    for i in ids:
+        tracker.step(row, i)
+    tracker.step(row, tiny_tok.eos_token_id)
+    assert row.text == "".join(got) == tiny_tok.decode(ids)
+    assert all("\ufffd" not in g for g in got)
+
+
+def test_token_bytes_decode_llama_tokenizer_on_chinese_data(llama_tok):
+    import json
+
+    from conftest import shared_path
+
+    recs = json.loads(shared_path("data/alpaca/alpaca_zh_demo.json").read_text())[:50]
+    for r in recs:
+        ids = llama_tok(r["output"], add_special_tokens=False)["input_ids"]
+        got = []
+        row = _Row(max_new_tokens=10**6, stop=[], on_text=got.append)
+        tracker = _Rows(llama_tok, [row])
+        for i in ids:
+            tracker.step(row, i)
+        tracker.finish(row, "length")
+        assert "".join(got) == llama_tok.decode(ids)
+        assert all("\ufffd" not in g for g in got)
+
+
+def test_history_truncated_oldest_first(tiny_tok, rand_engine):
+    eng = Engine(rand_engine.model, tiny_tok, max_context=160)
+    history = [(f"问题{i}", f"回答{i}" * 3) for i in range(12)]
+    prompt, kept = eng.chat_prompt(history, "现在", 64)
+    assert 0 < len(kept) < len(history) and kept == history[-len(kept):]  # newest kept, oldest dropped
+    assert eng.count_tokens(prompt) + 64 <= 160
+    # one more kept turn would not have fitted
+    from toucan.prompts import build_prompt
+
+    assert eng.count_tokens(build_prompt("现在", history=history[-len(kept) - 1:])) + 64 > 160
+    _, kept_more = eng.chat_prompt(history, "现在", 16)
+    assert len(kept_more) > len(kept)
+    # OpenAI messages go the same way
+    msgs = []
+    for q, a in history:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    msgs.append({"role": "user", "content": "现在"})
+    assert eng.messages_prompt(msgs, 64) == prompt
+
+
+def test_prompt_too_long_raises_and_new_tokens_clamped_to_context(tiny_tok, rand_engine):
+    eng = Engine(rand_engine.model, tiny_tok, max_context=64)
+    with pytest.raises(PromptTooLongError):
+        eng.generate("你好" * 100, GenerationOptions(max_new_tokens=4))
+    with pytest.raises(PromptTooLongError):
+        eng.stream("你好" * 100, GenerationOptions(max_new_tokens=4))
+    short = "你好" * 10
+    c = eng.generate(short, GenerationOptions(max_new_tokens=500, **GREEDY))
+    assert c.prompt_tokens + c.completion_tokens <= 64
+
+
+def test_batch_left_padding_matches_single(parrot):
+    prompts = [parrot.chat_prompt([], "你好", 32)[0], "你好", parrot.chat_prompt([("a", "b")], "你好", 32)[0]]
+    opts = GenerationOptions(max_new_tokens=12, **GREEDY)
+    batch = parrot.generate_batch(prompts, opts)
+    single = [parrot.generate(p, opts) for p in prompts]
+    assert [c.text for c in batch] == [c.text for c in single]
+    assert batch[0].text == REPLY
+    assert [c.prompt_tokens for c in batch] == [len(parrot.encode(p)) for p in prompts]
+
+
+def test_per_row_limits_in_one_batch(parrot):
+    p = parrot.chat_prompt([], "你好", 32)[0]
+    out = parrot._run([parrot.encode(p)] * 3, GenerationOptions(**GREEDY), max_new_tokens=[2, 32, 32],
+                      stop=[[], ["好吃"], []])
+    assert out[0].finish_reason == "length" and out[0].completion_tokens == 2
+    assert out[1].text == "鳕鱼很" and out[1].finish_reason == "stop"
+    assert out[2].text == REPLY
+
+
+def test_sampling_seeded_and_beam_search(rand_engine):
+    opts = GenerationOptions(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    a, b = rand_engine.generate("你好", opts), rand_engine.generate("你好", opts)
+    assert a.text == b.text and a.completion_tokens == 16
+    c = rand_engine.generate("你好", GenerationOptions(max_new_tokens=16, temperature=1.0, seed=8))
+    assert c.text != a.text
+    beam = rand_engine.generate("你好", GenerationOptions(max_new_tokens=8, num_beams=3, repetition_penalty=1.0))
+    assert beam.completion_tokens <= 8 and beam.finish_reason in ("stop", "length")
+
+
+def test_cancel_stops_generation(rand_engine):
+    s = rand_engine.stream("你好", GenerationOptions(max_new_tokens=400, **GREEDY))
+    it = iter(s)
+    next(it)
+    s.cancel()
+    rest = list(it)
+    assert s.completion.finish_reason == "cancelled"
+    assert s.completion.completion_tokens < 50, (len(rest), s.completion)
+    # closing the iterator early (a client that went away) also stops it
+    s2 = rand_engine.stream("你好", GenerationOptions(max_new_tokens=400, **GREEDY))
+    it2 = iter(s2)
+    next(it2)
+    it2.close()
+    assert s2.completion.finish_reason == "cancelled"
+    assert not any(t.name == "toucan-generate" and t.is_alive() for t in threading.enumerate())

@@ -25,6 +25,7 @@ log = logging.getLogger("toucan")
 COMMANDS: dict[str, tuple[type, str]] = {
     "data": (C.DataConfig, "toucan.data:run_data"),
     "train": (C.TrainConfig, "toucan.train:run_train"),
+    "merge-lora": (C.MergeLoraConfig, "toucan.lora:run_merge_lora"),
     "chat": (C.ChatConfig, "toucan.serve.chat:run_chat"),
     "demo": (C.DemoConfig, "toucan.demo:run_demo"),
     "verify": (C.VerifyConfig, "toucan.manifest:run_verify"),

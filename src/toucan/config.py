@@ -115,6 +115,15 @@ class TrainConfig:
     extra_args: list[str] = opt([], "further HF TrainingArguments flags, passed through")
 
 
+@dataclass
+class MergeLoraConfig:
+    """Merge a LoRA adapter into its base model, writing a full model directory."""
+
+    base: str = opt(None, "base model directory the adapter was trained on", required=True)
+    adapter: str = opt(None, "LoRA adapter directory (a `toucan train --finetuning_type lora` output)", required=True)
+    output: str = opt(None, "where the merged model directory goes", "--output_dir", required=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # toucan chat
 

@@ -185,6 +185,39 @@ def _load_model(cfg: TrainConfig):
     return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
 
 
+def resize_embeddings(model, vocab_size: int) -> int:
+    """Grow embed_tokens and lm_head to `vocab_size` rows, new rows = the mean of the old rows.
+    Returns how many rows were added. Works under DeepSpeed ZeRO-3, where parameters are
+    partitioned and a naive `weight.shape[0]` reads 0 (the original Toucan's bug).
+
+    Written here rather than using transformers' `mean_resizing=True`: that samples new rows from
+    a Gaussian around the mean (random), whereas the exact mean is deterministic, so merge-lora
+    and a frozen-embedding LoRA run rebuild bit-identical rows from the base alone."""
+    import contextlib
+
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    old = model.config.vocab_size   # the config, not weight.shape: under ZeRO-3 that shape is 0
+    if vocab_size <= old:
+        return 0
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)   # ZeRO-3 aware in transformers
+    params = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not params[0]:
+        params.append(head.weight)
+    gather = contextlib.nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with gather, torch.no_grad():
+        for w in params:
+            w[old:] = w[:old].mean(dim=0, keepdim=True)
+    log.info("resized embeddings and lm_head: %d -> %d rows (new rows = mean of old)", old, vocab_size)
+    return vocab_size - old
+
+
 class _StateDictSaver:
     """Lets save_model_dir write a model whose full weights exist only as a gathered state dict
     (DeepSpeed ZeRO-3, FSDP): save_pretrained with that state dict instead of the empty shards."""
@@ -222,6 +255,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     args = training_arguments(cfg)
     model = _load_model(cfg)
     model.config.use_cache = False
+    added = resize_embeddings(model, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.finetuning_type == "lora":
+        from .lora import apply_lora
+
+        model = apply_lora(model, cfg)
 
     trainer = Trainer(model=model, args=args, train_dataset=examples,
                       data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
@@ -238,6 +277,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                  "train_loss": out.training_loss,
                                                  "examples": len(examples),
                                                  "world_size": world_size(),
+                                                 "embedding_rows_added": added,
+                                                 "finetuning_type": cfg.finetuning_type,
                                                  "log_history": trainer.state.log_history}})
         log.info("saved %s", cfg.output_dir)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

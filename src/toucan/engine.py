@@ -47,6 +47,14 @@ class PromptTooLongError(ConfigError):
     """The prompt alone does not fit the model's context (the API answers 400)."""
 
 
+def options_from(cfg, **overrides) -> GenerationOptions:
+    """The GenerationOptions fields of a command's config (ChatConfig, WebConfig...), overridden."""
+    names = {f.name for f in dataclasses.fields(GenerationOptions)}
+    vals = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
+    vals.update(overrides)
+    return GenerationOptions(**vals)
+
+
 @dataclass
 class Completion:
     text: str

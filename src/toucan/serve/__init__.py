@@ -1,0 +1,1 @@
+"""Serving on toucan.engine: terminal chat (chat.py), Gradio page (web.py), OpenAI-compatible API (api.py)."""

@@ -1,0 +1,48 @@
+"""`toucan chat` driven as a real CLI subprocess (stdin/stdout) on a tiny trained model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from test_engine import REPLY, save_parrot
+
+pytestmark = pytest.mark.integration
+GREEDY = ["--temperature", "0", "--repetition_penalty", "1.0", "--max-tokens", "32"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_tok, tmp_path_factory):
+    return save_parrot(tiny_tok, tmp_path_factory.mktemp("chat") / "parrot")
+
+
+def toucan(args, stdin, cwd):
+    return subprocess.run([sys.executable, "-m", "toucan.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def test_interactive_commands_and_history(model_dir, tmp_path):
+    script = "\n".join([
+        "你好", "/regen", "/save one.json",       # one turn, answered twice
+        "你好", "/save two.json",                # history goes into the second prompt
+        "!!remove", "!!save undo.json",           # FastChat forms
+        "/reset", "/save none.json",
+        "/load two.json", "/save loaded.json",
+        "/exit", "你好",                          # nothing after /exit runs
+    ]) + "\n"
+    r = toucan(["chat", "--model", str(model_dir), *GREEDY], script, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(f"Toucan: {REPLY}\n") == 3, r.stdout
+    turns = lambda f: json.loads((tmp_path / f).read_text())  # noqa: E731
+    assert turns("one.json") == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": REPLY}]
+    assert len(turns("two.json")) == 4 and turns("two.json") == turns("loaded.json")
+    assert len(turns("undo.json")) == 2 and turns("none.json") == []
+
+
+def test_plain_mode_reads_stdin_writes_answer(model_dir, tmp_path):
+    r = toucan(["-q", "chat", "--model", str(model_dir), "--plain", *GREEDY], "你好\n", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == REPLY + "\n"
+    r = toucan(["-q", "chat", "--model", str(tmp_path / "missing"), "--plain"], "你好\n", tmp_path)
+    assert r.returncode == 2 and "not a directory" in r.stderr and "Traceback" not in r.stderr

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "train": (C.TrainConfig, "toucan.train:run_train"),
     "merge-lora": (C.MergeLoraConfig, "toucan.lora:run_merge_lora"),
     "chat": (C.ChatConfig, "toucan.serve.chat:run_chat"),
+    "web": (C.WebConfig, "toucan.serve.web:run_web"),
+    "serve": (C.ServeConfig, "toucan.serve.api:run_serve"),
     "demo": (C.DemoConfig, "toucan.demo:run_demo"),
     "verify": (C.VerifyConfig, "toucan.manifest:run_verify"),
     "eval generate": (C.EvalGenerateConfig, "toucan.eval.generate:run_eval_generate"),

@@ -136,6 +136,39 @@ class ChatConfig(GenerationOptions, ModelOptions):
 
 
 # ----------------------------------------------------------------------------------------------
+# toucan web  (the original demo's sliders; defaults from GenerationOptions)
+
+@dataclass
+class WebConfig(GenerationOptions, ModelOptions):
+    """Gradio chat page: streaming, multi-turn, sliders, regenerate/stop/clear (binds 127.0.0.1)."""
+
+    model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
+    host: str = opt("127.0.0.1", "address to bind; anything but loopback needs --auth or --insecure")
+    port: int = opt(7860, "port")
+    auth: Optional[str] = opt(None, "user:pass, or a file with one user:pass per line")
+    insecure: bool = opt(False, "allow a non-loopback --host without --auth (anyone on the network can use it)")
+    concurrency: int = opt(4, "chat requests Gradio runs at once (they share the model lock)")
+
+
+# ----------------------------------------------------------------------------------------------
+# toucan serve  (OpenAI-compatible; request fields override these defaults, which are OpenAI's)
+
+@dataclass
+class ServeConfig(ModelOptions):
+    """OpenAI-compatible API server (FastAPI + uvicorn): /v1/models, /v1/chat/completions, /v1/completions."""
+
+    model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
+    host: str = opt("127.0.0.1", "address to bind")
+    port: int = opt(8000, "port")
+    api_key: list[str] = opt([], "accepted API keys (also TOUCAN_API_KEYS, comma-separated); none = no auth")
+    model_name: Optional[str] = opt(None, "model id reported by /v1/models (default: the directory name)")
+    max_tokens: int = opt(512, "default max_tokens when a request gives none")
+    repetition_penalty: float = opt(1.0, "default repetition penalty (a request may send repetition_penalty)")
+    max_batch_size: int = opt(16, "most waiting requests decoded together in one batch")
+    batch_wait_ms: float = opt(5.0, "how long the batcher waits for more requests before starting a batch")
+
+
+# ----------------------------------------------------------------------------------------------
 # toucan demo
 
 @dataclass

@@ -115,3 +115,19 @@ def messages_to_turns(messages: Sequence[dict]) -> tuple[str | None, list[Turn],
 def chat_prompt(messages: Sequence[dict], template: str | Template = DEFAULT_TEMPLATE) -> str:
     system, history, instruction = messages_to_turns(messages)
     return build_prompt(instruction, history=history, template=template, system=system)
+
+
+# ----------------------------------------------------------------------------------------------
+# The BELLE judge message (toucan eval judge), byte for byte as BELLE's eval page builds it,
+# including its odd spacing and quotes: judge scores are only comparable if the judge reads the
+# same text. Classes whose std_answer BELLE does not show the judge: generation, brainstorming,
+# rewrite (BELLE uses the no-reference form for rewrite even where a reference exists).
+JUDGE_NO_REFERENCE = ("generation", "brainstorming", "rewrite")
+
+
+def judge_message(judge_prompt: str, question: str, answer: str, std_answer: str, cls: str) -> str:
+    """The user message sent to the judge for one answer; `cls` is a normalised class name."""
+    if cls in JUDGE_NO_REFERENCE:
+        return f"{judge_prompt} {question}  模型回答： '{answer}'。请针对模型回答给出得分，顺便给出理由："
+    return (f"{judge_prompt} {question} 标准回答:{std_answer}  模型回答：' {answer}'。"
+            "请针对模型回答给出得分，顺便给出理由：")

@@ -39,6 +39,7 @@ class GenerationOptions:
     do_sample: bool = opt(True, "sample (True) or decode greedily (False)")
     seed: Optional[int] = opt(None, "random seed for sampling (None = nondeterministic)")
     stop: list[str] = opt([], "stop strings: generation ends before any of them (not printed)")
+    min_new_tokens: int = opt(0, "generate at least this many tokens (EOS is suppressed until then)")
 
 
 @dataclass

@@ -135,6 +135,8 @@ def _iter_array(text: str, path: str, line_of) -> Iterator[tuple[int, int, objec
         if pos < n and text[pos] == "]":
             pos += 1
             break
+        if pos >= n:
+            fail("invalid JSON (unterminated array: expected ']')", pos)
         fail("invalid JSON (expected ',' or ']' after an array element)", pos)
     while pos < n and text[pos] in _WS:
         pos += 1

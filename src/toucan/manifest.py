@@ -52,15 +52,23 @@ def hash_inputs(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
     return out
 
 
-def hash_outputs(directory: str | os.PathLike) -> dict[str, str]:
-    d = Path(directory)
-    return {str(f.relative_to(d)): sha256_file(f)
-            for f in sorted(d.rglob("*")) if f.is_file() and f.name != MANIFEST}
+def hash_outputs(directory: str | os.PathLike, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file below `directory`; `known` (relative name -> sha256) skips re-reading
+    multi-GB files that were hashed while being written."""
+    d, known = Path(directory), known or {}
+    out = {}
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            name = str(f.relative_to(d))
+            out[name] = known[name] if name in known else sha256_file(f)
+    return out
 
 
 def write_manifest(directory: str | os.PathLike, command: str, config: Any = None,
-                   inputs: Iterable[str | os.PathLike] = (), extra: dict | None = None) -> dict:
-    """Write toucan.json into `directory` (call it last, after every output file is written)."""
+                   inputs: Iterable[str | os.PathLike] = (), extra: dict | None = None,
+                   known: dict[str, str] | None = None) -> dict:
+    """Write toucan.json into `directory` (call it last, after every output file is written).
+    `known`: sha256 of files already hashed while written (see hash_outputs)."""
     manifest = {
         "command": command,
         "argv": sys.argv,
@@ -68,7 +76,7 @@ def write_manifest(directory: str | os.PathLike, command: str, config: Any = Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "inputs": hash_inputs(inputs),
-        "files": hash_outputs(directory),
+        "files": hash_outputs(directory, known),
     }
     if extra:
         manifest.update(extra)

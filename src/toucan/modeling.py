@@ -43,7 +43,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         raise ModelError(f"{path}: not a directory")
     if not (p / "config.json").is_file():
         raise ModelError(f"{path}: no config.json (not a Hugging Face model directory)")
-    if not any(p.glob(pat) for pat in WEIGHT_PATTERNS):
+    if not any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS):  # a bare glob generator is always truthy
         raise ModelError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
     return p
 

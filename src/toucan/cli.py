@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "serve": (C.ServeConfig, "toucan.serve.api:run_serve"),
     "demo": (C.DemoConfig, "toucan.demo:run_demo"),
     "verify": (C.VerifyConfig, "toucan.manifest:run_verify"),
+    "quantize": (C.QuantizeConfig, "toucan.quant:run_quantize"),
+    "ppl": (C.PplConfig, "toucan.ppl:run_ppl"),
     "tokenizer extend": (C.TokenizerExtendConfig, "toucan.tokenizer:run_extend"),
     "make-delta": (C.MakeDeltaConfig, "toucan.delta:run_make_delta"),
     "apply-delta": (C.ApplyDeltaConfig, "toucan.delta:run_apply_delta"),

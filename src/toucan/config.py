@@ -283,6 +283,49 @@ class CheckDeltaConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# toucan quantize | ppl  (GPTQModel; see toucan/quant/ and toucan/ppl.py)
+
+@dataclass
+class QuantizeConfig:
+    """Quantize a model to 2/3/4/8 bits (GPTQ or RTN) in the standard GPTQ checkpoint format."""
+
+    model: str = opt(None, "full-precision model directory", required=True)
+    output: str = opt(None, "quantized model directory to write (atomically)", required=True)
+    method: str = opt("gptq", "gptq (calibrated, error-compensating) or rtn (round to nearest)",
+                      choices=["gptq", "rtn"])
+    bits: int = opt(4, "bits per weight: 2, 3, 4 or 8")
+    group_size: int = opt(128, "weights per scale/zero group along the input dim (-1 = per output channel)")
+    desc_act: bool = opt(False, "act-order: quantize columns by decreasing activation size (GPTQ only)")
+    sym: bool = opt(True, "symmetric quantization (fixed zero point); --no-sym or --asym for asymmetric")
+    asym: bool = opt(False, "asymmetric quantization (a zero point per group); the same as --no-sym")
+    calib_data: Optional[str] = opt(None, "calibration data: instruction JSON/JSONL (rendered with the prompt "
+                                          "template) or plain .txt (required for gptq)")
+    calib_samples: int = opt(128, "calibration sequences (GPTQ authors advise >= 128)")
+    calib_max_len: int = opt(512, "tokens per calibration sequence")
+    template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction calibration data",
+                        choices=sorted(TEMPLATES))
+    damp_percent: float = opt(0.05, "GPTQ Hessian dampening, as a fraction of its mean diagonal")
+    seed: int = opt(0, "seed for picking calibration samples")
+    device: str = opt("auto", "device that runs the quantization: cpu, cuda, cuda:N, or auto")
+
+
+@dataclass
+class PplConfig:
+    """Perplexity on plain text or on instruction responses; with --reference, also KL(reference || model)."""
+
+    model: str = opt(None, "model directory (full precision or quantized)", required=True)
+    data: str = opt(None, "plain .txt, or instruction JSON/JSONL (only response tokens are scored)",
+                    required=True)
+    reference: Optional[str] = opt(None, "reference model directory for the mean per-token KL(reference || model)")
+    ctx: int = opt(512, "tokens per window (plain text), or maximum tokens per example (instruction data)")
+    stride: int = opt(512, "plain text: window start every `stride` tokens; each token is scored once")
+    max_samples: int = opt(0, "score at most this many windows/examples (0 = all)")
+    template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction data", choices=sorted(TEMPLATES))
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
+    output: Optional[str] = opt(None, "also write the result as JSON here")
+
+
+# ----------------------------------------------------------------------------------------------
 # toucan verify
 
 @dataclass

@@ -1,0 +1,196 @@
+"""`toucan quantize`: GPTQ or RTN weight quantization through GPTQModel, written in the standard
+GPTQ checkpoint layout (qweight / qzeros / scales / g_idx in safetensors, quantization_config in
+config.json) that transformers + optimum + GPTQModel load, plus tokenizer and toucan.json.
+
+GPTQModel does the quantizing (GPTQConfig) and has RTN in the same format (RTNConfig), so nothing
+here re-implements either. What we add: calibration from toucan's chat format, a per-layer plan
+that keeps layers no kernel can run in full precision (see `layer_problem`), and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+from ..errors import QuantError
+from ..fsutil import atomic_dir, atomic_write_json
+from ..manifest import write_manifest
+from ..modeling import check_model_dir, is_quantized, load_tokenizer, resolve_device, resolve_dtype
+from .calib import calibration_samples
+
+log = logging.getLogger(__name__)
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's kernels accept
+BLOCK_RE = re.compile(r"(^|\.)layers\.\d+\.")          # decoder blocks: what GPTQModel quantizes
+
+
+def gptqmodel_env() -> None:
+    """GPTQModel sizes a CPU worker pool and fails on 2 cores unless told ("Virtual pool
+    'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"): set it from the core count."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+
+
+def layer_problem(in_features: int, out_features: int, bits: int, group_size: int) -> str | None:
+    """Why a Linear of this shape cannot be stored/run as a GPTQ layer, or None if it can.
+
+    GPTQModel would quantize such layers by padding, but the saved checkpoint then crashes at
+    load or first forward on CPU (torch's int4 kernel needs K % group == 0 and N % 16 == 0), so
+    we keep them in full precision instead and say so. Real LLaMA widths (4096, 11008, ...) pass.
+    """
+    if group_size > 0 and in_features % group_size:
+        return f"in_features {in_features} is not a multiple of group size {group_size}"
+    pack = 32 // math.gcd(32, bits)  # values of `bits` bits that fill whole int32 words
+    if in_features % pack:
+        return f"in_features {in_features} is not a multiple of {pack} ({bits}-bit int32 packing)"
+    if bits == 4 and out_features % 16:
+        return f"out_features {out_features} is not a multiple of 16 (torch's CPU int4 kernel)"
+    return None
+
+
+def plan_layers(model_dir: str | Path, bits: int, group_size: int) -> tuple[list[str], dict[str, str]]:
+    """(names of decoder Linear layers to quantize, {name: reason} for those kept in full precision),
+    from a weightless (meta-device) copy of the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config)
+    todo, skipped = [], {}
+    for name, mod in shell.named_modules():
+        if isinstance(mod, torch.nn.Linear) and BLOCK_RE.search(name):
+            why = layer_problem(mod.in_features, mod.out_features, bits, group_size)
+            if why:
+                skipped[name] = why
+            else:
+                todo.append(name)
+    return todo, skipped
+
+
+def block_modules(quantized: list[str], skipped: list[str]) -> list[list[str]]:
+    """optimum's `modules_in_block_to_quantize` (it keeps a layer when its name ends with an entry):
+    the short per-block names when every block quantizes the same set, else full names."""
+    per_block: dict[str, set[str]] = {}
+    for name in list(quantized) + list(skipped):
+        m = BLOCK_RE.search(name)
+        per_block.setdefault(name[:m.end()], set())
+    for name in quantized:
+        m = BLOCK_RE.search(name)
+        per_block[name[:m.end()]].add(name[m.end():])
+    sets = list(per_block.values())
+    if all(s == sets[0] for s in sets):
+        return [sorted(sets[0])]
+    return [sorted(quantized)]
+
+
+def validate(cfg) -> None:
+    if cfg.method not in ("gptq", "rtn"):
+        raise QuantError(f"method {cfg.method!r}: use gptq or rtn")
+    if cfg.bits not in BITS:
+        raise QuantError(f"bits={cfg.bits} is not supported: use one of {', '.join(map(str, BITS))}")
+    if cfg.group_size not in GROUP_SIZES:
+        raise QuantError(f"group_size={cfg.group_size}: use -1 (per channel) or one of "
+                         f"{', '.join(map(str, GROUP_SIZES[1:]))}")
+    if cfg.method == "gptq":
+        if not cfg.calib_data:
+            raise QuantError("gptq needs calibration data: pass --calib-data FILE (.json/.jsonl/.txt)")
+        if not Path(cfg.calib_data).is_file():
+            raise QuantError(f"calibration file {cfg.calib_data}: no such file")
+        if cfg.calib_samples < 1:
+            raise QuantError(f"calib_samples={cfg.calib_samples}: need at least 1")
+    if not 0 < cfg.damp_percent < 1:
+        raise QuantError(f"damp_percent={cfg.damp_percent}: must be between 0 and 1")
+
+
+def run_quantize(cfg) -> int:
+    """Quantize cfg.model into cfg.output (atomically). Returns 0; raises QuantError/ModelError."""
+    validate(cfg)
+    src = check_model_dir(cfg.model)
+    if is_quantized(src):
+        raise QuantError(f"{cfg.model} is already quantized (config.json has quantization_config)")
+    sym = cfg.sym and not cfg.asym
+    desc_act = cfg.desc_act and cfg.method == "gptq"
+    if cfg.desc_act and cfg.method == "rtn":
+        log.warning("--desc-act only applies to gptq; ignored for rtn")
+    tokenizer = load_tokenizer(src)
+    todo, skipped = plan_layers(src, cfg.bits, cfg.group_size)
+    if not todo:
+        raise QuantError(f"{cfg.model}: no layer can be quantized with bits={cfg.bits}, "
+                         f"group_size={cfg.group_size}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    if skipped:
+        log.warning("keeping %d layer(s) in full precision (odd widths): %s", len(skipped),
+                    ", ".join(f"{k} ({v})" for k, v in skipped.items()))
+
+    calib = None
+    if cfg.method == "gptq":
+        seqs = calibration_samples(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_max_len,
+                                   cfg.template, cfg.seed)
+        calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
+        log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), cfg.calib_data)
+
+    gptqmodel_env()
+    from gptqmodel import BACKEND, GPTQModel  # ~10 s import with a banner: only when quantizing
+    from gptqmodel.quantization.config import GPTQConfig, RTNConfig
+
+    device = resolve_device(cfg.device)
+    # "-:" marks a layer GPTQModel must leave alone; exact ^name$ patterns are its fast path.
+    dynamic = {f"-:^{re.escape(name)}$": {} for name in skipped} or None
+    common = dict(bits=cfg.bits, group_size=cfg.group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
+                  offload_to_disk=False)
+    if cfg.method == "gptq":
+        qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common)
+    else:
+        qcfg = RTNConfig(**common)
+    # fp32 on CPU: quantization statistics and the layers kept in full precision stay exact
+    # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
+    model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device))
+    t0 = time.perf_counter()
+    model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
+    seconds = time.perf_counter() - t0
+    log.info("%s %d-bit g%d quantized %d layers in %.1f s", cfg.method, cfg.bits, cfg.group_size, len(todo), seconds)
+
+    with atomic_dir(cfg.output) as tmp:
+        model.save(str(tmp))
+        # optimum (the transformers loader) ignores GPTQModel's `dynamic`; it keeps layers by
+        # `modules_in_block_to_quantize`, so record the plan in both vocabularies.
+        cj = json.loads((tmp / "config.json").read_text())
+        cj["quantization_config"]["modules_in_block_to_quantize"] = block_modules(todo, list(skipped))
+        atomic_write_json(tmp / "config.json", cj)
+        tokenizer.save_pretrained(str(tmp))  # toucan's tokenizer (pad token set), not a re-guessed one
+        inputs = [src] + ([cfg.calib_data] if calib else [])
+        write_manifest(tmp, "quantize", cfg, inputs, extra={"quantization": {
+            "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": sym,
+            "desc_act": desc_act, "act_group_aware": bool(getattr(qcfg, "act_group_aware", False)),
+            "quantized_layers": todo, "full_precision_layers": skipped,
+            "calibration": None if calib is None else {"file": str(cfg.calib_data), "samples": len(calib),
+                                                       "tokens": sum(len(c["input_ids"]) for c in calib)},
+            "seconds": round(seconds, 2),
+        }})
+    size = sum(f.stat().st_size for f in Path(cfg.output).iterdir() if f.suffix == ".safetensors")
+    print(f"{cfg.output}: {cfg.method} {cfg.bits}-bit group {cfg.group_size}, {len(todo)} layers quantized, "
+          f"{len(skipped)} kept in full precision, weights {size / 2**20:.2f} MiB, {seconds:.1f} s")
+    return 0
+
+
+def load_quantized(path: str | Path, device: str = "cpu"):
+    """A GPTQ directory through plain transformers (+ optimum + GPTQModel kernels), in eval mode.
+
+    Kernels: on CPU GPTQModel picks TorchAtenLinear (torch's int4 CPU matmul) for 4-bit groups of
+    16..128, else its dequantizing TorchLinear; on CUDA, Marlin/ExLlama/Triton as available."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gptqmodel_env()
+    # CPU: keep the unquantized parts (embeddings, norms, lm_head) in fp32; GPU kernels want fp16.
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), device_map=device, dtype=dtype)
+    except ImportError as e:
+        raise QuantError(f"{path}: loading a GPTQ model needs gptqmodel and optimum installed ({e})") from None
+    return model.eval()

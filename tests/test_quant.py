@@ -1,0 +1,187 @@
+"""toucan quantize: GPTQ and RTN through GPTQModel on a tiny LLaMA trained here, reloaded and run
+on CPU; odd widths kept in full precision and recorded; bad input gets typed errors."""
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from toucan import cli
+from toucan.config import QuantizeConfig
+from toucan.data import encode_text
+from toucan.manifest import read_manifest, verify_manifest
+from toucan.prompts import build_prompt
+
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def sentences(n, seed):
+    """A small regular language (sums in Chinese) the tiny tokenizer covers, so training learns fast."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        out.append(f"计算 {a} 加 {b} 等于 {a + b} 。")
+    return out
+
+
+def records(n, seed):
+    rng = random.Random(seed)
+    return [{"instruction": f"计算 {a} 加 {b}", "output": f"{a + b}"}
+            for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(n))]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_tok):
+    """A tiny LLaMA (hidden 64, MLP width 172) trained briefly with a plain torch loop, saved."""
+    import torch
+
+    from toucan.modeling import save_model_dir, tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama(len(tiny_tok), tokenizer=tiny_tok)
+    ids = [tiny_tok.bos_token_id] + encode_text(tiny_tok, " ".join(sentences(600, 0)))
+    data = torch.tensor(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        starts = torch.randint(0, len(data) - 49, (8,))
+        x = torch.stack([data[s:s + 48] for s in starts])
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 4.0, loss.item()  # it learned something: random is ln(1000) = 6.9
+    root = tmp_path_factory.mktemp("quant")
+    save_model_dir(root / "fp32", model.eval(), tiny_tok, command="test-train")
+    (root / "calib.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records(64, 1)))
+    (root / "heldout.txt").write_text("\n".join(sentences(60, 2)))
+    return root
+
+
+def quantize(root, name, **kw):
+    cfg = QuantizeConfig(model=str(root / "fp32"), output=str(root / name), group_size=32,
+                         calib_samples=32, calib_max_len=64, **kw)
+    from toucan.quant import run_quantize
+
+    assert run_quantize(cfg) == 0
+    return root / name
+
+
+def test_plan_keeps_odd_widths_in_full_precision(tiny_model_dir):
+    from toucan.quant.gptq import block_modules, layer_problem, plan_layers
+
+    todo, skipped = plan_layers(tiny_model_dir, bits=4, group_size=32)
+    assert sorted(todo) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in ATTN)
+    assert sorted(skipped) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in MLP)
+    assert "172" in skipped["model.layers.0.mlp.down_proj"]
+    assert block_modules(todo, list(skipped)) == [sorted(ATTN)]
+    # real LLaMA-7B widths all pass; 3-bit packing needs whole 32-value blocks
+    assert layer_problem(4096, 11008, 4, 128) is None and layer_problem(11008, 4096, 4, 128) is None
+    assert layer_problem(48, 64, 3, -1) and layer_problem(64, 64, 3, -1) is None
+
+
+def test_calibration_uses_the_chat_format(trained, tiny_tok):
+    from toucan.quant.calib import calibration_samples
+
+    seqs = calibration_samples(tiny_tok, trained / "calib.jsonl", 8, 64, "alpaca", seed=0)
+    assert len(seqs) == 8
+    prompts = {tuple(encode_text(tiny_tok, build_prompt(r["instruction"]))) for r in records(64, 1)}
+    for s in seqs:
+        assert s[0] == tiny_tok.bos_token_id and s[-1] == tiny_tok.eos_token_id and len(s) <= 64
+        assert any(tuple(s[1:1 + len(p)]) == p for p in prompts)
+    text = calibration_samples(tiny_tok, trained / "heldout.txt", 4, 32, "alpaca", seed=0)
+    assert len(text) == 4 and all(t[0] == tiny_tok.bos_token_id and len(t) <= 32 for t in text)
+    assert calibration_samples(tiny_tok, trained / "calib.jsonl", 8, 64, "alpaca", seed=0) == seqs
+
+
+@pytest.mark.slow
+def test_gptq_and_rtn_reload_generate_and_stay_close(trained, tiny_tok, caplog):
+    from safetensors import safe_open
+
+    from toucan.modeling import load_model
+    from toucan.ppl import evaluate, load_sequences
+
+    gptq = quantize(trained, "gptq", method="gptq", calib_data=str(trained / "calib.jsonl"))
+    assert "keeping 6 layer(s) in full precision" in caplog.text and "model.layers.1.mlp.down_proj" in caplog.text
+    rtn = quantize(trained, "rtn", method="rtn")
+
+    qc = json.loads((gptq / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["quant_method"]) == (4, 32, True, False, "gptq")
+    assert qc["modules_in_block_to_quantize"] == [sorted(ATTN)]
+    with safe_open(str(gptq / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+        assert f"model.layers.0.self_attn.q_proj.{suffix}" in keys
+    assert "model.layers.0.mlp.down_proj.weight" in keys and "model.layers.0.self_attn.q_proj.weight" not in keys
+    man = read_manifest(gptq)
+    assert verify_manifest(gptq) == []
+    assert len(man["quantization"]["quantized_layers"]) == 8
+    assert sorted(man["quantization"]["full_precision_layers"]) == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in MLP)
+    assert man["quantization"]["calibration"]["samples"] == 32
+
+    ref = load_model(trained / "fp32", device="cpu")
+    seqs = load_sequences(tiny_tok, trained / "heldout.txt", ctx=64, stride=64, template="alpaca")
+    base = evaluate(ref, seqs)
+    for d in (gptq, rtn):
+        model = load_model(d, device="cpu")
+        assert type(model.model.layers[0].self_attn.q_proj).__name__ != "Linear"
+        out = model.generate(**tiny_tok("计算 1 加 2 等于", return_tensors="pt"), max_new_tokens=6, do_sample=False)
+        assert out.shape[1] > 6
+        r = evaluate(model, seqs, reference=ref)
+        # 4-bit g32 on the attention layers: close to the original, but not identical
+        assert 0 < r["kl"] < 0.05, (d.name, r)
+        assert abs(r["ppl"] - base["ppl"]) / base["ppl"] < 0.1, (d.name, r, base)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_plain_transformers_loads_it_without_toucan(trained, tiny_tok):
+    """Acceptance: AutoModelForCausalLM.from_pretrained (GPTQModel + optimum installed) loads the
+    quantized directory and generates on CPU, in a process that never imports toucan."""
+    d = trained / "gptq"
+    if not d.exists():
+        d = quantize(trained, "gptq", method="gptq", calib_data=str(trained / "calib.jsonl"))
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(d)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(d)!r}, device_map="cpu")
+        x = tok("计算 1 加 2 等于", return_tensors="pt")
+        out = model.generate(**x, max_new_tokens=6, do_sample=False)
+        assert not any(m == "toucan" or m.startswith("toucan.") for m in sys.modules), "toucan imported"
+        print("KERNEL", type(model.model.layers[0].self_attn.q_proj).__name__)
+        print("TOKENS", out.shape[1] - x["input_ids"].shape[1])
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "KERNEL TorchAtenLinear" in p.stdout and "TOKENS 6" in p.stdout, p.stdout
+
+
+def test_bad_input_gets_typed_errors(trained, tmp_path, capsys):
+    from toucan.errors import ModelError, QuantError
+    from toucan.quant import run_quantize
+
+    base = ["quantize", "--model", str(trained / "fp32"), "--output", str(tmp_path / "q")]
+    calib = ["--calib-data", str(trained / "calib.jsonl")]
+    assert cli.main(base + ["--bits", "5"] + calib) == 2
+    assert "bits=5 is not supported" in capsys.readouterr().err
+    assert cli.main(base + ["--calib-data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+    assert cli.main(base) == 2  # gptq without calibration data
+    assert "--calib-data" in capsys.readouterr().err
+    assert cli.main(base + ["--group-size", "100"] + calib) == 2
+    empty = tmp_path / "noweights"
+    empty.mkdir()
+    (empty / "config.json").write_text((trained / "fp32" / "config.json").read_text())
+    with pytest.raises(ModelError, match="no weights"):
+        run_quantize(QuantizeConfig(model=str(empty), output=str(tmp_path / "q"), method="rtn"))
+    with pytest.raises(QuantError, match="bits=5"):
+        run_quantize(QuantizeConfig(model=str(trained / "fp32"), output=str(tmp_path / "q"), bits=5))
+    assert not (tmp_path / "q").exists()

@@ -1,6 +1,7 @@
 """`toucan chat` driven as a real CLI subprocess (stdin/stdout) on a tiny trained model."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import pytest
 from test_engine import REPLY, save_parrot
 
 pytestmark = pytest.mark.integration
+# One thread per test process: 2 OpenMP threads on 2 cores shared with other tests are far slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 GREEDY = ["--temperature", "0", "--repetition_penalty", "1.0", "--max-tokens", "32"]
 
 
@@ -19,7 +22,7 @@ def model_dir(tiny_tok, tmp_path_factory):
 
 def toucan(args, stdin, cwd):
     return subprocess.run([sys.executable, "-m", "toucan.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
+                          text=True, timeout=120, cwd=cwd, env=ENV)
 
 
 def test_interactive_commands_and_history(model_dir, tmp_path):

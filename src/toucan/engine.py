@@ -176,7 +176,7 @@ class Stream:
 
         def work():
             try:
-                self.completion = engine._run([ids], opts, on_text=[self._q.put], cancel=[self._cancel])[0]
+                self.completion = engine.run([ids], opts, on_text=[self._q.put], cancel=[self._cancel])[0]
             except BaseException as e:  # re-raised in the consumer's thread
                 self._error = e
             finally:
@@ -260,7 +260,7 @@ class Engine:
         ids = [self.encode(p) for p in prompts]
         for x in ids:
             self.check_fits(len(x))
-        return self._run(ids, opts or GenerationOptions())
+        return self.run(ids, opts or GenerationOptions())
 
     def stream(self, prompt: str, opts: GenerationOptions | None = None) -> Stream:
         return Stream(self, prompt, opts or GenerationOptions())
@@ -272,6 +272,7 @@ class Engine:
         beams = max(1, opts.num_beams)
         sample = opts.do_sample and opts.temperature > 0 and beams == 1
         kw = dict(max_new_tokens=max_new_tokens, num_beams=beams, do_sample=sample,
+                  min_new_tokens=min(opts.min_new_tokens, max_new_tokens) or None,
                   repetition_penalty=opts.repetition_penalty, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
         if sample:
@@ -280,7 +281,7 @@ class Engine:
             kw.update(temperature=None, top_p=None, top_k=None)
         return GenerationConfig(**kw)
 
-    def _run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
+    def run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
              cancel: list | None = None, max_new_tokens: list[int] | None = None,
              stop: list[Sequence[str]] | None = None) -> list[Completion]:
         """Generate for a left-padded batch. Per-row max_new_tokens / stop / on_text / cancel

@@ -224,3 +224,52 @@ def test_unreachable_or_misnamed_judge_is_a_clear_error(answers, tmp_path, capsy
     args[args.index("--prompts") + 1] = str(bad)
     assert cli.main(args) == 2
     assert "no judge prompt for class(es) code" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_judge_through_toucan_serve(answers, tmp_path, tiny_tok, monkeypatch, capsys):
+    """The same judge path against toucan's own OpenAI-compatible server (a tiny model as judge):
+    API key honoured, replies stored whatever they say, a rerun costs 0 calls, a wrong key stops."""
+    pytest.importorskip("toucan.serve.api")
+    from toucan.modeling import save_model_dir, tiny_llama
+
+    model = tmp_path / "judge_model"  # 2048 positions: a BELLE judge message is ~1000 tiny tokens
+    save_model_dir(model, tiny_llama(len(tiny_tok), tokenizer=tiny_tok, max_position_embeddings=2048), tiny_tok,
+                   command="test-fixture")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "toucan.cli", "serve", "--model", str(model), "--port", str(port),
+                             "--api-key", "sekret", "--model-name", "tiny-judge", "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sekret"},
+                          timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.3)
+        d = _subset(answers, tmp_path / "serve", 4)
+        srv = type("S", (), {"url": f"http://127.0.0.1:{port}/v1"})
+        args = judge_args(d, srv, d / "scores.jsonl", "--judge-model", "tiny-judge", "--api-key-env", "JUDGE_KEY",
+                          "--max-tokens", "4")
+        monkeypatch.setenv("JUDGE_KEY", "sekret")
+        assert cli.main(args) == 0
+        meta, scores = read_records(d / "scores.jsonl", "scores")
+        assert meta["spend"]["calls"] == 4 and meta["spend"]["completion_tokens"] <= 16
+        assert all(isinstance(s["reply"], str) and s["status"] != "error" for s in scores)
+        assert all(s["score"] is not None or s["status"] in ("unparseable", "out_of_range") for s in scores)
+        assert cli.main(args) == 0
+        assert read_records(d / "scores.jsonl", "scores")[0]["spend"]["calls"] == 0
+        monkeypatch.setenv("JUDGE_KEY", "wrong")
+        capsys.readouterr()
+        assert cli.main(args + ["--cache", str(d / "other_cache.jsonl")]) == 2
+        assert "401" in capsys.readouterr().err
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

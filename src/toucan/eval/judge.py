@@ -7,7 +7,8 @@ The cache is what makes runs cheap and restartable. It is a JSON Lines file keye
 sha256(judge model, judge message); each reply is appended and fsync'd BEFORE it is counted, so a
 run killed with SIGKILL and restarted re-sends only what was in flight at the kill (at most
 --concurrency messages) and a second model whose answer is the same text costs nothing. The default
-cache lives beside --output, so every model judged into one folder shares it.
+cache lives beside --output, so every model judged into one folder shares it. As the key is only
+(model, message), changing --temperature or --max-tokens reuses earlier replies: use another --cache.
 
 Transport is the official `openai` client: it already retries 408/409/429/5xx, timeouts and
 connection errors with exponential backoff and jitter (and honours Retry-After), so `--retries` is
@@ -35,7 +36,6 @@ from ..fsutil import append_jsonl, atomic_write_text, read_jsonl, sha256_file
 from ..prompts import judge_message
 from .items import CLASSES, load_judge_prompts, normalize_class, read_records, repair_torn_tail
 from .parse import parse_score
-from .reference import judge_reference
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,9 @@ def _ask(client, cfg: EvalJudgeConfig, message: str) -> tuple[str, dict | None]:
     return r.choices[0].message.content or "", usage
 
 
-def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) -> tuple[dict, dict, dict]:
-    """{cache key: cache record} for every message (cached or asked now), {key: error} for the
-    ones that failed after retries, and this run's spend."""
+def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) -> tuple[list, list, dict]:
+    """For each message its cache record (cached, or asked now) or None, and its error (after
+    retries) or None; and this run's spend."""
     import openai
 
     keys = [JudgeCache.key(cfg.judge_model, m) for m in messages]
@@ -130,7 +130,7 @@ def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) 
                 spend["completion_tokens"] += usage.get("completion_tokens") or 0
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    return {k: cache.get(k) for k in keys if cache.get(k) is not None}, errors, spend
+    return [cache.get(k) for k in keys], [errors.get(k) for k in keys], spend
 
 
 def _llm_scores(answers: list[dict], cfg: EvalJudgeConfig) -> tuple[list[dict], dict]:
@@ -140,19 +140,17 @@ def _llm_scores(answers: list[dict], cfg: EvalJudgeConfig) -> tuple[list[dict], 
     messages = [judge_message(prompts[a["class"]], a["question"], a["answer"], a["std_answer"], a["class"])
                 for a in answers]
     cache = JudgeCache(cfg.cache or Path(cfg.output).parent / "judge_cache.jsonl")
-    replies, errors, spend = fetch_replies(messages, cfg, cache)
-    scored, cached_tokens = [], 0
-    for a, m in zip(answers, messages):
-        k = JudgeCache.key(cfg.judge_model, m)
-        rec = replies.get(k)
+    records, errors, spend = fetch_replies(messages, cfg, cache)
+    scored, table_tokens = [], 0
+    for a, rec, err in zip(answers, records, errors):
         if rec is None:
-            scored.append({**a, "score": None, "status": "error", "value": None, "reply": None, "error": errors.get(k)})
+            scored.append({**a, "score": None, "status": "error", "value": None, "reply": None, "error": err})
             continue
         p = parse_score(rec["reply"], cfg.out_of_range)
         scored.append({**a, "score": p.score, "status": p.status, "value": p.value, "reply": rec["reply"],
                        "usage": rec["usage"]})
-        cached_tokens += sum((rec["usage"] or {}).values())
-    spend["tokens_of_all_replies"] = cached_tokens  # what the whole table cost, cached or not
+        table_tokens += sum((rec["usage"] or {}).values())
+    spend["tokens_of_all_replies"] = table_tokens  # what the whole table cost, cached or not
     spend["cache"] = str(cache.path)
     return scored, spend
 
@@ -165,6 +163,8 @@ def run_eval_judge(cfg: EvalJudgeConfig) -> int:
             raise EvalError(f"{cfg.answers}: item {a.get('id')}: unknown class {a['class']!r}")
     judge = {"kind": cfg.judge, "comparable_with_llm_judge": cfg.judge == "llm"}
     if cfg.judge == "reference":
+        from .reference import judge_reference  # rouge-score (and nltk) only when used
+
         scored = [{**a, **judge_reference(a)} for a in tqdm(answers, desc="rouge-l", unit="item")]
         judge["method"] = "character-level ROUGE-L F1 against std_answer (rouge-score)"
         spend = None

@@ -139,36 +139,38 @@ def chart(summaries: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(score_files: list[str]) -> tuple[list[dict], str]:
+def build_report(score_files: list[str]) -> tuple[list[dict], str, str]:
+    """(per-model summaries, the table in Markdown, the whole report.md)."""
     summaries = [summarize(*read_records(p, "scores")) for p in score_files]
     names = [s["model"] for s in summaries]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise EvalError(f"two scores files for the same model name {', '.join(dup)}: "
                         "generate with distinct --model-name values")
-    md = ["# BELLE eval: judge scores", "", markdown_table([_row(s) for s in summaries])]
+    table = markdown_table([_row(s) for s in summaries])
+    md = ["# BELLE eval: judge scores", "", table]
     md += ["`avg` is the mean of the per-class means; `avg w/o math, code` the mean of the other eight classes. "
            "Only scored items count: parse failures and missing items are listed below, never scored 0.", ""]
     md += [f"- {n}" for n in _notes(summaries)] + [""]
     md += ["![per-class scores](chart.png)", "", "## Counts per class", "", _counts_table(summaries),
            "## Settings", "", *(_settings(s) for s in summaries), ""]
-    return summaries, "\n".join(md)
+    return summaries, table, "\n".join(md)
 
 
 def run_eval_report(cfg: EvalReportConfig) -> int:
-    summaries, md = build_report(cfg.scores)
+    summaries, table, md = build_report(cfg.scores)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(COLUMNS)
     w.writerows([[("" if v is None else (round(v, 4) if isinstance(v, float) else v)) for v in _row(s)] for s in summaries])
     with atomic_dir(cfg.output) as d:
         (d / "report.md").write_text(md, encoding="utf-8")
-        (d / "table.md").write_text(markdown_table([_row(s) for s in summaries]), encoding="utf-8")
+        (d / "table.md").write_text(table, encoding="utf-8")
         (d / "table.csv").write_text(buf.getvalue(), encoding="utf-8")
         (d / "report.json").write_text(json.dumps({"columns": COLUMNS, "models": summaries}, ensure_ascii=False,
                                                   indent=2) + "\n", encoding="utf-8")
         chart(summaries, d / "chart.png")
-    print(markdown_table([_row(s) for s in summaries]), end="")
+    print(table, end="")
     for n in _notes(summaries):
         print("note:", n.replace("**", ""))
     print(f"report -> {cfg.output}/ (report.md, table.md, table.csv, report.json, chart.png)")

@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from transformers import TrainerCallback
+
 from .config import TrainConfig
 from .data import IGNORE_INDEX, encode_records, load_dataset_spec, parse_spec
 from .errors import ConfigError, DataError
+from .fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,39 @@ def resolve_deepspeed(spec: str | None) -> str | None:
                       f"(shipped: {', '.join(names) or 'none'})")
 
 
+def _skip_deepspeed_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when it first sets up
+    communication (2-6 minutes on 2 cores). Only its inference all-reduce uses that op; training
+    collectives go through torch.distributed (gloo). Marking it unavailable in DeepSpeed's own
+    table of compatible ops (a dict it keeps for this) lets a CPU run start at once."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _cpu_distributed(values: dict, extra_args: Sequence[str]) -> None:
+    """Make torchrun on CPUs really distributed (transformers 5.24 / accelerate 1.15, probed):
+    - plain: without use_cpu, TrainingArguments on a GPU-less machine sets up DistributedType.NO
+      with world_size 1, so each process silently trains its own copy; use_cpu gives MULTI_CPU
+      (DDP over gloo).
+    - DeepSpeed: TrainingArguments passes no backend to accelerate on this path, which then counts
+      1 process while DeepSpeed counts N (its batch-size check fails). We set up accelerate's
+      shared state ourselves with gloo and tell TrainingArguments to use it."""
+    if not values.get("deepspeed"):
+        values["use_cpu"] = True
+        return
+    from accelerate import PartialState
+
+    _skip_deepspeed_shm_op()
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"   # what TrainingArguments itself sets around this call
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    if "--accelerator_config" not in extra_args:
+        values["accelerator_config"] = '{"use_configured_state": true}'
+
+
 def training_arguments(cfg: TrainConfig, **overrides: Any):
     """TrainingArguments from the config plus the pass-through flags (`extra_args`), parsed by
     HfArgumentParser so every Trainer flag works exactly as in the original scripts."""
@@ -142,7 +178,13 @@ def training_arguments(cfg: TrainConfig, **overrides: Any):
         # transformers 5 renamed gradient_checkpointing; only pass it when asked (no warning otherwise)
         activation_checkpointing=True if cfg.gradient_checkpointing else None,
     )
+    if cfg.fsdp and _cuda_available():
+        # on GPUs the Trainer's own FSDP2 shards for real (on CPU see train_fsdp_cpu)
+        values.update(fsdp="full_shard auto_wrap",
+                      fsdp_config='{"version": 2, "state_dict_type": "FULL_STATE_DICT"}')
     values.update(overrides)
+    if world_size() > 1 and not _cuda_available():
+        _cpu_distributed(values, cfg.extra_args)
     argv: list[str] = []
     for k, v in values.items():
         if v is None:
@@ -159,6 +201,70 @@ def training_arguments(cfg: TrainConfig, **overrides: Any):
 
 
 # ----------------------------------------------------------------------------------------------
+# Checkpoints: complete or invisible
+
+CHECKPOINT_MARKER = "toucan-checkpoint.json"
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete once every rank has written it: a file list with sizes, written
+    atomically last. The Trainer writes checkpoint-N/ in place, so a run killed mid-save (or
+    mid-rotation) leaves a folder that looks like a checkpoint; `auto` resume takes only marked
+    ones whose files are all still there."""
+
+    def on_save(self, args, state, control, **kw):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()   # every rank's shards are on disk
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir():
+            files = {str(f.relative_to(ckpt)): f.stat().st_size
+                     for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != CHECKPOINT_MARKER}
+            atomic_write_json(ckpt / CHECKPOINT_MARKER, {"global_step": state.global_step, "files": files})
+        return control
+
+
+def checkpoint_complete(path: str | os.PathLike) -> bool:
+    import json
+
+    marker = Path(path) / CHECKPOINT_MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((Path(path) / name).is_file() and (Path(path) / name).stat().st_size == size
+               for name, size in files.items())
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The complete checkpoint-N with the highest N; incomplete ones are skipped with a warning."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in d.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, p in reversed(steps):
+        if checkpoint_complete(p):
+            return p
+        log.warning("%s is incomplete (no valid %s): skipped", p, CHECKPOINT_MARKER)
+    return None
+
+
+def resolve_resume(cfg: TrainConfig) -> str | None:
+    r = cfg.resume_from_checkpoint
+    if not r:
+        return None
+    if r == "auto":
+        found = latest_checkpoint(checkpoint_dir(cfg))
+        log.info("resume: %s", found or f"no complete checkpoint in {checkpoint_dir(cfg)}, starting fresh")
+        return str(found) if found else None
+    if not checkpoint_complete(r):
+        raise ConfigError(f"--resume_from_checkpoint {r}: not a complete checkpoint (no valid {CHECKPOINT_MARKER})")
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
 # Training
 
 @dataclass
@@ -167,6 +273,8 @@ class TrainResult:
     log_history: list[dict] = field(default_factory=list)
     global_step: int = 0
     train_examples: int = 0
+    model: Any = field(default=None, repr=False)     # the trained (possibly wrapped/sharded) model
+    trainer: Any = field(default=None, repr=False)   # the HF Trainer (None on the FSDP-on-CPU path)
 
     @property
     def losses(self) -> list[float]:
@@ -234,11 +342,14 @@ def _final_state_dict(trainer):
     unwrapped model already holds them."""
     if trainer.is_deepspeed_enabled:
         return trainer.accelerator.get_state_dict(trainer.deepspeed)
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
     return None
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Fine-tune and save; returns the loss history. Every rank calls this under torchrun."""
+def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Fine-tune and save; returns the loss history. Every rank calls this under torchrun.
+    `callbacks`: extra transformers TrainerCallbacks (Python API)."""
     import torch
     from transformers import Trainer, set_seed
 
@@ -262,29 +373,110 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         model = apply_lora(model, cfg)
 
-    trainer = Trainer(model=model, args=args, train_dataset=examples,
-                      data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
-    out = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
-    log.info("training done: %d steps, train_loss %.4f", trainer.state.global_step, out.training_loss)
+    collator = SFTCollator(tokenizer.pad_token_id)
+    if cfg.fsdp and not _cuda_available():
+        result, state_dict, saved_model = train_fsdp_cpu(cfg, model, examples, collator, args)
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator,
+                          processing_class=tokenizer, callbacks=[*callbacks, CheckpointMarker()])
+        out = trainer.train(resume_from_checkpoint=resolve_resume(cfg))
+        result = TrainResult(Path(cfg.output_dir), list(trainer.state.log_history), trainer.state.global_step,
+                             model=trainer.model_wrapped, trainer=trainer)
+        state_dict = _final_state_dict(trainer)
+        saved_model = trainer.accelerator.unwrap_model(trainer.model)
+    result.train_examples = len(examples)
+    log.info("training done: %d steps, last loss %s", result.global_step, result.losses[-1:] or "n/a")
 
-    state_dict = _final_state_dict(trainer)
-    if trainer.is_world_process_zero():
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        saveable = unwrapped if state_dict is None else _StateDictSaver(unwrapped, state_dict)
+    if rank() == 0:
+        saveable = saved_model if state_dict is None else _StateDictSaver(saved_model, state_dict)
         save_model_dir(cfg.output_dir, saveable, tokenizer, command="train", config=cfg,
                        inputs=data_files(cfg.data_path),
-                       manifest_extra={"train": {"global_step": trainer.state.global_step,
-                                                 "train_loss": out.training_loss,
+                       manifest_extra={"train": {"global_step": result.global_step,
                                                  "examples": len(examples),
                                                  "world_size": world_size(),
                                                  "embedding_rows_added": added,
                                                  "finetuning_type": cfg.finetuning_type,
-                                                 "log_history": trainer.state.log_history}})
+                                                 "log_history": result.log_history}})
         log.info("saved %s", cfg.output_dir)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return TrainResult(Path(cfg.output_dir), list(trainer.state.log_history), trainer.state.global_step,
-                       len(examples))
+    return result
+
+
+def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args):
+    """FSDP on CPU: shard with torch FSDP2 `fully_shard` over gloo and run a plain loop.
+
+    Hand-written because nothing maintained does this: the HF Trainer (through accelerate) enables
+    FSDP only on GPU-like devices and silently runs DDP for --fsdp on CPU. The loop keeps the
+    Trainer's semantics: a seeded shuffled sampler per epoch, gradient accumulation, AdamW with the
+    same schedule and warm-up, gradient clipping, per-token mean loss, logging every
+    --logging_steps. It has no mid-run checkpoints (resume is a Trainer-path feature); on GPUs
+    --fsdp goes through the Trainer. Returns (result, full state dict on every rank, model)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader, DistributedSampler
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    if cfg.resume_from_checkpoint:
+        raise ConfigError("--resume_from_checkpoint is not available with --fsdp on CPU (use DDP or DeepSpeed)")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.model.layers:          # one FSDP unit per decoder layer, then the rest
+        fully_shard(layer)
+    fully_shard(model)
+
+    sampler = DistributedSampler(examples, shuffle=True, seed=cfg.seed, drop_last=False)
+    loader = DataLoader(examples, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
+                        collate_fn=collator)
+    gas = cfg.gradient_accumulation_steps
+    per_epoch = max(1, len(loader) // gas)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(per_epoch * cfg.num_train_epochs)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                            weight_decay=cfg.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+                            eps=args.adam_epsilon)
+    sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(total),
+                          num_training_steps=total)
+    history: list[dict] = []
+    model.train()
+    step, epoch, window = 0, 0, []
+    bar = tqdm(total=total, disable=rank() != 0, desc="train (FSDP2, CPU)")
+    while step < total:
+        sampler.set_epoch(epoch)
+        batches = iter(loader)
+        while step < total:
+            micro = [b for _, b in zip(range(gas), batches)]
+            if len(micro) < gas:
+                break
+            # per-token mean over the whole optimizer step on all ranks, as the Trainer computes it
+            n_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro))
+            dist.all_reduce(n_tokens)
+            step_loss = torch.zeros(())
+            for b in micro:
+                out = model(**b, num_items_in_batch=n_tokens)
+                (out.loss * dist.get_world_size()).backward()   # FSDP averages gradients over ranks
+                step_loss += out.loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            dist.all_reduce(step_loss)
+            window.append(step_loss.item())
+            if step % cfg.logging_steps == 0 or step == total:
+                history.append({"loss": sum(window) / len(window), "grad_norm": float(grad_norm.full_tensor()
+                                if hasattr(grad_norm, "full_tensor") else grad_norm),
+                                "learning_rate": sched.get_last_lr()[0], "epoch": epoch, "step": step})
+                window = []
+                log.info("step %d: %s", step, history[-1])
+        epoch += 1
+    bar.close()
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return TrainResult(Path(cfg.output_dir), history, step, model=model), state_dict, model
 
 
 def run_train(cfg: TrainConfig) -> int:

@@ -98,12 +98,12 @@ def is_contiguous_file(path: Path, raw: bytes, header: dict) -> bool:
 
 
 class ShardWriter:
-    """Writes one safetensors file tensor by tensor and hashes exactly the bytes written. Writing
-    and hashing run in a background thread (both release the GIL), so the caller can compute the
-    next tensor meanwhile; at most one tensor is in flight."""
+    """Writes one safetensors file tensor by tensor (and, unless hash=False, hashes exactly the
+    bytes written). Writing and hashing run in a background thread (both release the GIL), so the
+    caller can compute the next tensor meanwhile; at most one tensor is in flight."""
 
-    def __init__(self, path: Path, header: bytes):
-        self.path, self.sha = path, hashlib.sha256()
+    def __init__(self, path: Path, header: bytes, hash: bool = True):
+        self.path, self.sha = path, hashlib.sha256() if hash else None
         self._f = open(path, "wb")
         self._pool = ThreadPoolExecutor(1)
         self._pending = None
@@ -116,20 +116,23 @@ class ShardWriter:
 
     def _write(self, data, keep) -> None:  # `keep` holds the tensor alive until its bytes are written
         self._f.write(data)
-        self.sha.update(data)
+        if self.sha is not None:
+            self.sha.update(data)
 
-    def write(self, t: torch.Tensor) -> None:
+    def write(self, t: torch.Tensor):
+        """Queue t's bytes; returns the future (t's memory must stay untouched until it is done)."""
         self._put(raw_bytes(t), keep=t)
+        return self._pending
 
-    def close(self) -> str:
-        """Flush, close, and return the file's sha256."""
+    def close(self) -> str | None:
+        """Flush, close, and return the file's sha256 (None when not hashing)."""
         try:
             if self._pending is not None:
                 self._pending.result()
         finally:
             self._pool.shutdown()
             self._f.close()
-        return self.sha.hexdigest()
+        return self.sha.hexdigest() if self.sha is not None else None
 
 
 class Weights:
@@ -156,7 +159,7 @@ class Weights:
                     self._add(name, f, t.dtype, list(t.shape))
         self.names = list(self.meta)
         self.is_safetensors = all(f.suffix == ".safetensors" for f in self.files)
-        self._open: tuple[Path, object] | None = None
+        self._bin: tuple[Path, dict] | None = None
 
     def _add(self, name, f, dtype, shape) -> None:
         if name in self.meta:
@@ -189,20 +192,21 @@ class Weights:
             raise ModelError(f"{path}: cannot load as weights ({type(e).__name__}: {e})") from None
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, memory-mapped where possible (no copy: do not modify it)."""
         f = self.where[name]
-        if self._open is None or self._open[0] != f:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
+        if f.suffix == ".safetensors":
+            # A fresh safe_open per tensor: its mapping goes away with the tensor, so pages already
+            # read do not pile up in RSS over a multi-GB shard. (Opening costs a header parse.)
+            from safetensors import safe_open
 
-                try:
-                    handle = safe_open(str(f), framework="pt")
-                except Exception as e:  # SafetensorError: corrupted or truncated file
-                    raise DeltaError(f"{f}: cannot open ({e})") from None
-            else:
-                handle = self._load_bin(f)
-            self._open = (f, handle)
-        handle = self._open[1]
-        return handle.get_tensor(name) if f.suffix == ".safetensors" else handle[name]
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    return handle.get_tensor(name)
+            except Exception as e:  # SafetensorError: corrupted or truncated file
+                raise DeltaError(f"{f}: cannot read {name} ({e})") from None
+        if self._bin is None or self._bin[0] != f:  # .bin shards are mapped one at a time
+            self._bin = (f, self._load_bin(f))
+        return self._bin[1][name]
 
 
 def hashed_in_order(weights: Weights, names: Iterable[str], workers: int = 2) -> Iterator[tuple[str, str]]:

@@ -74,7 +74,10 @@ def zero3_resize_check(cfg) -> dict:
     from toucan.modeling import load_tokenizer
     from toucan.train import _load_model, resize_embeddings, training_arguments
 
-    training_arguments(cfg)   # registers the ZeRO-3 config, so from_pretrained loads partitioned
+    args = training_arguments(cfg)   # holds the ZeRO-3 config (a weakref), so from_pretrained loads partitioned
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    assert is_deepspeed_zero3_enabled(), args.deepspeed
     model = _load_model(cfg)
     emb = model.get_input_embeddings().weight
     out = {"partitioned_numel": emb.numel(), "old_rows": model.config.vocab_size}

@@ -48,14 +48,14 @@ def trained(tmp_path_factory, tiny_tok):
     data = torch.tensor(ids)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(60):
-        starts = torch.randint(0, len(data) - 49, (8,))
-        x = torch.stack([data[s:s + 48] for s in starts])
+    for _ in range(40):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        x = torch.stack([data[s:s + 32] for s in starts])
         loss = model(x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert loss.item() < 4.0, loss.item()  # it learned something: random is ln(1000) = 6.9
+    assert loss.item() < 4.5, loss.item()  # it learned something: random is ln(1000) = 6.9
     root = tmp_path_factory.mktemp("quant")
     save_model_dir(root / "fp32", model.eval(), tiny_tok, command="test-train")
     (root / "calib.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records(64, 1)))

@@ -9,11 +9,13 @@ that keeps layers no kernel can run in full precision (see `layer_problem`), and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -134,44 +136,47 @@ def run_quantize(cfg) -> int:
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
         log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), cfg.calib_data)
 
-    gptqmodel_env()
-    from gptqmodel import BACKEND, GPTQModel  # ~10 s import with a banner: only when quantizing
-    from gptqmodel.quantization.config import GPTQConfig, RTNConfig
+    # GPTQModel logs its progress tables on stdout: send them to stderr with the other logs.
+    with contextlib.redirect_stdout(sys.stderr):
+        gptqmodel_env()
+        from gptqmodel import BACKEND, GPTQModel  # ~10 s import with a banner: only when quantizing
+        from gptqmodel.quantization.config import GPTQConfig, RTNConfig
 
-    device = resolve_device(cfg.device)
-    # "-:" marks a layer GPTQModel must leave alone; exact ^name$ patterns are its fast path.
-    dynamic = {f"-:^{re.escape(name)}$": {} for name in skipped} or None
-    common = dict(bits=cfg.bits, group_size=cfg.group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
-                  offload_to_disk=False)
-    if cfg.method == "gptq":
-        qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common)
-    else:
-        qcfg = RTNConfig(**common)
-    # fp32 on CPU: quantization statistics and the layers kept in full precision stay exact
-    # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
-    model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device))
-    t0 = time.perf_counter()
-    model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
-    seconds = time.perf_counter() - t0
-    log.info("%s %d-bit g%d quantized %d layers in %.1f s", cfg.method, cfg.bits, cfg.group_size, len(todo), seconds)
+        device = resolve_device(cfg.device)
+        # "-:" marks a layer GPTQModel must leave alone; exact ^name$ patterns are its fast path.
+        dynamic = {f"-:^{re.escape(name)}$": {} for name in skipped} or None
+        common = dict(bits=cfg.bits, group_size=cfg.group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
+                      offload_to_disk=False)
+        if cfg.method == "gptq":
+            qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common)
+        else:
+            qcfg = RTNConfig(**common)
+        # fp32 on CPU: quantization statistics and the layers kept in full precision stay exact
+        # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
+        model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device))
+        t0 = time.perf_counter()
+        model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
+        seconds = time.perf_counter() - t0
+        log.info("%s %d-bit g%d quantized %d layers in %.1f s", cfg.method, cfg.bits, cfg.group_size,
+                 len(todo), seconds)
 
-    with atomic_dir(cfg.output) as tmp:
-        model.save(str(tmp))
-        # optimum (the transformers loader) ignores GPTQModel's `dynamic`; it keeps layers by
-        # `modules_in_block_to_quantize`, so record the plan in both vocabularies.
-        cj = json.loads((tmp / "config.json").read_text())
-        cj["quantization_config"]["modules_in_block_to_quantize"] = block_modules(todo, list(skipped))
-        atomic_write_json(tmp / "config.json", cj)
-        tokenizer.save_pretrained(str(tmp))  # toucan's tokenizer (pad token set), not a re-guessed one
-        inputs = [src] + ([cfg.calib_data] if calib else [])
-        write_manifest(tmp, "quantize", cfg, inputs, extra={"quantization": {
-            "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": sym,
-            "desc_act": desc_act, "act_group_aware": bool(getattr(qcfg, "act_group_aware", False)),
-            "quantized_layers": todo, "full_precision_layers": skipped,
-            "calibration": None if calib is None else {"file": str(cfg.calib_data), "samples": len(calib),
-                                                       "tokens": sum(len(c["input_ids"]) for c in calib)},
-            "seconds": round(seconds, 2),
-        }})
+        with atomic_dir(cfg.output) as tmp:
+            model.save(str(tmp))
+            # optimum (the transformers loader) ignores GPTQModel's `dynamic`; it keeps layers by
+            # `modules_in_block_to_quantize`, so record the plan in both vocabularies.
+            cj = json.loads((tmp / "config.json").read_text())
+            cj["quantization_config"]["modules_in_block_to_quantize"] = block_modules(todo, list(skipped))
+            atomic_write_json(tmp / "config.json", cj)
+            tokenizer.save_pretrained(str(tmp))  # toucan's tokenizer (pad token set), not a re-guessed one
+            inputs = [src] + ([cfg.calib_data] if calib else [])
+            write_manifest(tmp, "quantize", cfg, inputs, extra={"quantization": {
+                "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": sym,
+                "desc_act": desc_act, "act_group_aware": bool(getattr(qcfg, "act_group_aware", False)),
+                "quantized_layers": todo, "full_precision_layers": skipped,
+                "calibration": None if calib is None else {"file": str(cfg.calib_data), "samples": len(calib),
+                                                           "tokens": sum(len(c["input_ids"]) for c in calib)},
+                "seconds": round(seconds, 2),
+            }})
     size = sum(f.stat().st_size for f in Path(cfg.output).iterdir() if f.suffix == ".safetensors")
     print(f"{cfg.output}: {cfg.method} {cfg.bits}-bit group {cfg.group_size}, {len(todo)} layers quantized, "
           f"{len(skipped)} kept in full precision, weights {size / 2**20:.2f} MiB, {seconds:.1f} s")
@@ -189,8 +194,13 @@ def load_quantized(path: str | Path, device: str = "cpu"):
     gptqmodel_env()
     # CPU: keep the unquantized parts (embeddings, norms, lm_head) in fp32; GPU kernels want fp16.
     dtype = torch.float32 if device == "cpu" else torch.float16
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), device_map=device, dtype=dtype)
-    except ImportError as e:
-        raise QuantError(f"{path}: loading a GPTQ model needs gptqmodel and optimum installed ({e})") from None
-    return model.eval()
+    # GPTQModel logs (banner, kernel notes) go to stdout; keep stdout for answers (`chat --plain`).
+    with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), device_map=device, dtype=dtype)
+        except ImportError as e:
+            raise QuantError(f"{path}: loading a GPTQ model needs gptqmodel and optimum installed ({e})") from None
+        model.eval()
+        # The CPU kernel repacks its weights on the first forward: do it here, not in the first reply.
+        model(torch.tensor([[model.config.bos_token_id or 0]], device=model.device))
+    return model

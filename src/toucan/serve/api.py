@@ -85,6 +85,11 @@ class CompletionRequest(_Common):
     prompt: Union[str, list[str]]
 
 
+def request_prompt(engine: Engine, req: ChatRequest, max_new_tokens: int) -> str:
+    """The prompt a chat request is answered with (toucan.prompts via the engine)."""
+    return engine.messages_prompt([{"role": m.role, "content": m.text()} for m in req.messages], max_new_tokens)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 class APIError(Exception):
@@ -321,9 +326,8 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         opts = options(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt = engine.messages_prompt(messages, opts.max_new_tokens)
+            prompt = request_prompt(engine, req, opts.max_new_tokens)
         except ConfigError as e:
             raise APIError(400, str(e), param="messages") from None
         return await run(encode(prompt), opts, "chat", req.stream, usage_flag(req))

@@ -1,0 +1,178 @@
+"""`toucan web`: the Gradio chat page on the engine.
+
+What the original demo got wrong and this page does instead: it streams token by token; the whole
+conversation goes into the prompt (toucan.prompts renders it; the engine drops the oldest turns
+when it would not fit context - max tokens); the sliders are the original's (temperature 0.5,
+top-p 0.75, top-k 40, beams, repetition penalty 1.2, max tokens 512) and `do_sample` is honoured
+(off, or temperature 0, means greedy; beams > 1 means beam search, shown when done); it binds
+127.0.0.1 and never makes a public share link; a non-loopback --host needs --auth or --insecure.
+
+Each browser session has its own history: it lives in that session's Chatbot value (Gradio keeps
+component values per session), never in a module global. Stop cancels the Gradio event and the
+engine row (so the model stops too); Regenerate answers the last question again; Clear empties it.
+"""
+
+# (no `from __future__ import annotations`: Gradio finds the gr.Request parameter by its live annotation)
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from ..config import WebConfig
+from ..engine import Engine, Stream, options_from
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_auth(auth: str | None) -> list[tuple[str, str]] | None:
+    """'user:pass', or a file with one user:pass per line (blank lines and # comments skipped)."""
+    if not auth:
+        return None
+    if Path(auth).is_file():
+        lines = [ln.strip() for ln in Path(auth).read_text(encoding="utf-8").splitlines()]
+        pairs = [ln for ln in lines if ln and not ln.startswith("#")]
+        where = auth
+    else:
+        pairs, where = [auth], "--auth"
+    out = []
+    for p in pairs:
+        user, sep, pw = p.partition(":")
+        if not sep or not user or not pw:
+            raise ConfigError(f"{where}: expected user:pass, got {p[:40]!r}")
+        out.append((user, pw))
+    return out
+
+
+def check_bind(cfg: WebConfig) -> list[tuple[str, str]] | None:
+    auth = parse_auth(cfg.auth)
+    if cfg.host not in LOOPBACK and not auth and not cfg.insecure:
+        raise ConfigError(f"--host {cfg.host} would let anyone on the network use the model: give --auth user:pass "
+                          "(or an auth file), or --insecure if you really mean it")
+    return auth
+
+
+def _text(content) -> str:
+    """A Gradio message's content (a string, or a list of {'type': 'text', 'text': ...} parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "")
+    return "".join(_text(c) for c in content or [])
+
+
+def history_pairs(messages: list[dict]) -> list[tuple[str, str]]:
+    """Chatbot messages (user, assistant, user, assistant, ...) -> [(q, a), ...]."""
+    pairs, q = [], None
+    for m in messages:
+        if m["role"] == "user":
+            q = _text(m["content"])
+        elif q is not None:
+            pairs.append((q, _text(m["content"])))
+            q = None
+    return pairs
+
+
+def web_prompt(engine: Engine, messages: list[dict], question: str, max_new_tokens: int) -> str:
+    """The prompt the page sends for `question` after the conversation in `messages`."""
+    return engine.chat_prompt(history_pairs(messages), question, max_new_tokens)[0]
+
+
+def build_app(engine: Engine, cfg: WebConfig):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home
+    import gradio as gr
+
+    active: dict[str, Stream] = {}  # browser session -> its running generation (for Stop)
+    lock = threading.Lock()
+
+    def add_user(message: str, chat: list):
+        if not message.strip():
+            return gr.update(), chat
+        return "", chat + [{"role": "user", "content": message}]
+
+    def respond(chat: list, temperature, top_p, top_k, beams, rep, max_tokens, do_sample,
+                request: gr.Request):
+        if not chat or chat[-1]["role"] != "user":
+            yield chat
+            return
+        question = _text(chat[-1]["content"])
+        opts = options_from(cfg, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                            num_beams=int(beams), repetition_penalty=float(rep), max_new_tokens=int(max_tokens),
+                            do_sample=bool(do_sample), stop=[], seed=None)
+        stream = engine.stream(web_prompt(engine, chat[:-1], question, opts.max_new_tokens), opts)
+        sid = request.session_hash or ""
+        with lock:
+            active[sid] = stream
+        answer = ""
+        chat = chat + [{"role": "assistant", "content": ""}]
+        try:
+            for delta in stream:
+                answer += delta
+                chat[-1] = {"role": "assistant", "content": answer}
+                yield chat
+        finally:  # also when Stop cancels this event or the browser goes away
+            stream.cancel()
+            with lock:
+                if active.get(sid) is stream:
+                    del active[sid]
+        yield chat
+
+    def stop(request: gr.Request):
+        with lock:
+            s = active.get(request.session_hash or "")
+        if s is not None:
+            s.cancel()
+
+    def regenerate(chat: list):
+        while chat and chat[-1]["role"] == "assistant":
+            chat = chat[:-1]
+        return chat
+
+    with gr.Blocks(title="Toucan") as app:
+        gr.Markdown(f"## Toucan 中文对话\n`{os.path.basename(os.path.normpath(cfg.model))}`")
+        chat = gr.Chatbot(label="Toucan", height=460, elem_id="chat",
+                          placeholder="问我任何问题 · Ask anything", buttons=["copy"])
+        with gr.Row():
+            box = gr.Textbox(placeholder="输入问题，回车发送 (Enter to send)", show_label=False, scale=8,
+                             elem_id="msg", autofocus=True)
+            send = gr.Button("发送 Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row():
+            stop_btn = gr.Button("停止 Stop", elem_id="stop")
+            regen = gr.Button("重新生成 Regenerate", elem_id="regen")
+            clear = gr.Button("清空 Clear History", elem_id="clear")
+        with gr.Accordion("生成参数 Generation settings", open=False):
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top P")
+                top_k = gr.Slider(0, 100, value=cfg.top_k, step=1, label="Top K")
+            with gr.Row():
+                beams = gr.Slider(1, 4, value=cfg.num_beams, step=1, label="Beams (>1: beam search, no streaming)")
+                rep = gr.Slider(1, 2, value=cfg.repetition_penalty, step=0.05, label="Repetition penalty")
+                max_tokens = gr.Slider(1, engine.max_context - 1, value=min(cfg.max_new_tokens, engine.max_context - 1),
+                                       step=1, label="Max tokens")
+                do_sample = gr.Checkbox(value=cfg.do_sample, label="do_sample (off = greedy)")
+        knobs = [temperature, top_p, top_k, beams, rep, max_tokens, do_sample]
+
+        runs = []
+        for trigger in (box.submit, send.click):
+            ev = trigger(add_user, [box, chat], [box, chat], queue=False)
+            runs.append(ev.then(respond, [chat, *knobs], chat))
+        runs.append(regen.click(regenerate, chat, chat, queue=False).then(respond, [chat, *knobs], chat))
+        stop_btn.click(stop, None, None, cancels=runs, queue=False)
+        clear.click(stop, None, None, cancels=runs, queue=False).then(lambda: [], None, chat, queue=False)
+    app.queue(default_concurrency_limit=cfg.concurrency)
+    return app
+
+
+def run_web(cfg: WebConfig) -> int:
+    auth = check_bind(cfg)
+    engine = Engine.from_dir(cfg.model, device=cfg.device, dtype=cfg.dtype, template=cfg.template)
+    app = build_app(engine, cfg)
+    if cfg.host not in LOOPBACK:
+        log.warning("serving the chat page on %s (%s)", cfg.host, "with login" if auth else "NO LOGIN: --insecure")
+    app.launch(server_name=cfg.host, server_port=cfg.port, auth=auth, share=False, inbrowser=False,
+               footer_links=[])
+    return 0

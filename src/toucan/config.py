@@ -252,32 +252,31 @@ class TokenizerExtendConfig:
 # toucan make-delta | apply-delta | check-delta  (streamed, bit-exact; see toucan/delta.py)
 
 @dataclass
-class MakeDeltaConfig:
-    """Delta weights (target - base, bit-exact, with checksums), streamed tensor by tensor."""
-
+class DeltaPaths:
     base: str = opt(None, "base model directory (safetensors or pytorch_model*.bin)", "--base-model-path",
                     required=True)
+    delta: str = opt(None, "delta directory (make-delta writes it atomically)", "--delta-path", required=True)
+
+
+@dataclass
+class MakeDeltaConfig(DeltaPaths):
+    """Delta weights (target - base, bit-exact, with checksums), streamed tensor by tensor."""
+
     target: str = opt(None, "fine-tuned model directory", "--target-model-path", required=True)
-    delta: str = opt(None, "delta directory to write (atomically)", "--delta-path", required=True)
     max_shard_size: str = opt("2GB", "largest delta shard file (e.g. 500MB, 2GB)")
 
 
 @dataclass
-class ApplyDeltaConfig:
+class ApplyDeltaConfig(DeltaPaths):
     """Restore a fine-tuned model from base + delta; refuses a wrong base, verifies the result."""
 
-    base: str = opt(None, "base model directory (safetensors or pytorch_model*.bin)", "--base-model-path",
-                    required=True)
-    delta: str = opt(None, "delta directory written by make-delta", "--delta-path", required=True)
     target: str = opt(None, "model directory to write (atomically)", "--target-model-path", required=True)
 
 
 @dataclass
-class CheckDeltaConfig:
+class CheckDeltaConfig(DeltaPaths):
     """Report per tensor whether a base (and optionally a target) match a delta's checksums."""
 
-    base: str = opt(None, "base model directory", "--base-model-path", required=True)
-    delta: str = opt(None, "delta directory written by make-delta", "--delta-path", required=True)
     target: Optional[str] = opt(None, "restored or original target model directory to check too",
                                 "--target-model-path")
 

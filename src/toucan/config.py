@@ -166,7 +166,8 @@ class ServeConfig(ModelOptions):
     max_tokens: int = opt(512, "default max_tokens when a request gives none")
     repetition_penalty: float = opt(1.0, "default repetition penalty (a request may send repetition_penalty)")
     max_batch_size: int = opt(16, "most waiting requests decoded together in one batch")
-    batch_wait_ms: float = opt(5.0, "how long the batcher waits for more requests before starting a batch")
+    batch_wait_ms: float = opt(20.0, "how long the batcher waits for more requests before starting a batch "
+                                     "(about one CPU decode step: costs little time to first token)")
 
 
 # ----------------------------------------------------------------------------------------------

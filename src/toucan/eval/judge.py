@@ -130,6 +130,7 @@ def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) 
                 spend["completion_tokens"] += usage.get("completion_tokens") or 0
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+    spend["failed"] = len(errors)
     return [cache.get(k) for k in keys], [errors.get(k) for k in keys], spend
 
 
@@ -182,7 +183,8 @@ def run_eval_judge(cfg: EvalJudgeConfig) -> int:
     print(f"judged {len(scored)} answers of {meta.get('model')} -> {cfg.output}: "
           + ", ".join(f"{n} {st}" for st, n in counts.items()))
     if spend is not None:
-        print(f"judge calls this run: {spend['calls']} ({spend['cache_hits']} answered from the cache); "
+        print(f"judge calls this run: {spend['calls']} answered, {spend['failed']} failed after retries "
+              f"({spend['cache_hits']} answered from the cache); "
               f"tokens spent this run: {spend['prompt_tokens']} prompt + {spend['completion_tokens']} completion; "
               f"all replies in this table: {spend['tokens_of_all_replies']} tokens")
     if counts.get("error"):

@@ -105,7 +105,8 @@ def _settings(s: dict) -> str:
     lines = [f"- **{s['model']}**: model `{s['model_dir']}`, template `{s['template']}`, eval set `{s['eval_set']}`",
              f"  - generation: `{json.dumps(s['generation'], ensure_ascii=False)}`", f"  - judge: {judge}"]
     if spend:
-        lines.append(f"  - judge spend: {spend['calls']} calls in the last judge run ({spend['cache_hits']} cache hits), "
+        lines.append(f"  - judge spend: {spend['calls']} calls answered and {spend.get('failed', 0)} failed in the last "
+                     f"judge run ({spend['cache_hits']} cache hits), "
                      f"{spend['prompt_tokens'] + spend['completion_tokens']} tokens then; "
                      f"{spend['tokens_of_all_replies']} tokens for all replies in this table")
     return "\n".join(lines)

@@ -103,6 +103,64 @@ class SFTCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_examples(examples: Sequence[dict], max_len: int) -> list[dict]:
+    """Pack examples into rows of at most max_len tokens (best fit, so rows come out nearly full),
+    each row with position_ids that restart at 0 for every example.
+
+    Why this is enough to keep examples apart: with position_ids given and no attention_mask,
+    transformers (masking_utils.find_packed_sequence_indices; checked on 5.24 for sdpa and eager on
+    CPU, and flash-attention's varlen path on GPU) builds a block-diagonal causal mask from the
+    restarts, so no token attends across an example boundary. The loss cannot cross one either:
+    each example starts with a BOS whose label is -100. Hand-written rather than transformers'
+    DataCollatorWithFlattening because that joins a whole batch into one row of unbounded length;
+    fixed rows keep batch shapes and memory bounded and `--per_device_train_batch_size` meaning rows.
+    """
+    rows: list[dict] = []
+    open_by_room: dict[int, list[int]] = {}   # free tokens -> rows with that much room
+    for ex in examples:
+        n = len(ex["input_ids"])
+        assert 0 < n <= max_len, n
+        room = next((r for r in range(n, max_len) if open_by_room.get(r)), None)
+        if room is None:
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+            i, room = len(rows) - 1, max_len
+        else:
+            i = open_by_room[room].pop()
+        row = rows[i]
+        row["input_ids"] += ex["input_ids"]
+        row["labels"] += ex["labels"]
+        row["position_ids"] += list(range(n))
+        if room - n > 0:
+            open_by_room.setdefault(room - n, []).append(i)
+    return rows
+
+
+@dataclass
+class PackedCollator:
+    """Right-pad packed rows: padding is one more 'example' (position_ids restarting at 0, labels
+    -100) so it forms its own attention block, and no attention_mask is sent (a 2-D mask, like a
+    KV cache, switches transformers off its packed-sequence path)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        import torch
+
+        n = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.arange(n).repeat(len(features), 1)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.as_tensor(f["input_ids"])
+            labels[i, :k] = torch.as_tensor(f["labels"])
+            pos[i, :k] = torch.as_tensor(f["position_ids"])
+            pos[i, k:] = torch.arange(n - k)
+        # use_cache=False: with a KV cache present transformers skips the packed-sequence mask and
+        # lets every token attend across example boundaries (checked on 5.24)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
+
+
 # ----------------------------------------------------------------------------------------------
 # Trainer arguments
 
@@ -374,6 +432,13 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         model = apply_lora(model, cfg)
 
     collator = SFTCollator(tokenizer.pad_token_id)
+    n_examples = len(examples)
+    if cfg.packing:
+        examples = pack_examples(examples, cfg.model_max_length)
+        collator = PackedCollator(tokenizer.pad_token_id)
+        fill = sum(len(r["input_ids"]) for r in examples) / (len(examples) * cfg.model_max_length)
+        log.info("packed %d examples into %d rows of %d tokens (%.1f%% full)", n_examples, len(examples),
+                 cfg.model_max_length, 100 * fill)
     if cfg.fsdp and not _cuda_available():
         result, state_dict, saved_model = train_fsdp_cpu(cfg, model, examples, collator, args)
     else:
@@ -384,7 +449,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
                              model=trainer.model_wrapped, trainer=trainer)
         state_dict = _final_state_dict(trainer)
         saved_model = trainer.accelerator.unwrap_model(trainer.model)
-    result.train_examples = len(examples)
+    result.train_examples = n_examples
     log.info("training done: %d steps, last loss %s", result.global_step, result.losses[-1:] or "n/a")
 
     if rank() == 0:
@@ -392,7 +457,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         save_model_dir(cfg.output_dir, saveable, tokenizer, command="train", config=cfg,
                        inputs=data_files(cfg.data_path),
                        manifest_extra={"train": {"global_step": result.global_step,
-                                                 "examples": len(examples),
+                                                 "examples": n_examples,
+                                                 "packed_rows": len(examples) if cfg.packing else None,
                                                  "world_size": world_size(),
                                                  "embedding_rows_added": added,
                                                  "finetuning_type": cfg.finetuning_type,

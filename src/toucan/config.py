@@ -181,8 +181,19 @@ class DemoConfig:
     seed: int = opt(0, "seed for data, model and training")
     train_examples: int = opt(6000, "generated training questions")
     eval_examples: int = opt(200, "held-out generated questions for exact-match accuracy")
+    families: list[str] = opt(["parity", "greater", "count"],
+                              "task families (parity, greater, count, compare, repeat, reverse, add)")
     max_steps: int = opt(1200, "SFT optimizer steps")
-    threads: int = opt(0, "torch threads (0 = all cores)")
+    batch_size: int = opt(32, "SFT examples per step")
+    learning_rate: float = opt(2e-3, "SFT peak learning rate (tiny random models want a high one)")
+    hidden_size: int = opt(192, "tiny LLaMA width (heads = width / 32)")
+    num_layers: int = opt(4, "tiny LLaMA layers")
+    vocab_size: int = opt(512, "demo SentencePiece vocabulary (trained on the generated data)")
+    max_len: int = opt(64, "tokens per training example")
+    template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))
+    full_recipe: bool = opt(True, "after SFT also: delta round trip, 4-bit GPTQ, eval generate/judge/report")
+    quant_group_size: int = opt(32, "GPTQ group size for the 4-bit model")
+    threads: int = opt(0, "torch threads (0 = auto: all cores, fewer when the machine is busy)")
 
 
 # ----------------------------------------------------------------------------------------------

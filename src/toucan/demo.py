@@ -1,0 +1,356 @@
+"""`toucan demo`: the recipe at toy scale, offline on a CPU, in a few minutes.
+
+    generated Chinese tasks (toucan.demo_tasks) -> a SentencePiece tokenizer trained on them ->
+    a random tiny LLaMA -> exact match before -> SFT with `toucan train` -> exact match after ->
+    a short chat transcript, all through the same template (toucan.prompts) and engine.
+
+Everything goes under cfg.output_dir; steps whose output already exists (for the same settings)
+are reused, so a rerun after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from .config import DemoConfig, GenerationOptions, TrainConfig
+from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from .prompts import build_prompt, get_template
+
+log = logging.getLogger(__name__)
+
+
+def _same_settings(meta_file: Path, settings: dict) -> bool:
+    return meta_file.is_file() and json.loads(meta_file.read_text(encoding="utf-8")) == settings
+
+
+def make_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
+    from .demo_tasks import GENERATOR_VERSION, generate
+
+    d = out / "data"
+    settings = {"seed": cfg.seed, "train_examples": cfg.train_examples, "eval_examples": cfg.eval_examples,
+                "families": list(cfg.families), "generator": GENERATOR_VERSION}
+    if not _same_settings(d / "settings.json", settings):
+        train, held = generate(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.families)
+        with atomic_dir(d) as tmp:
+            for name, recs in (("train.jsonl", train), ("heldout.jsonl", held)):
+                (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
+                                        encoding="utf-8")
+            (tmp / "settings.json").write_text(json.dumps(settings))
+    return d / "train.jsonl", d / "heldout.jsonl"
+
+
+def _special_pieces(template: str) -> list[str]:
+    """The template's fixed text as whole SentencePiece symbols, so the long Alpaca header costs
+    one token instead of ~25 (SentencePiece matches user symbols after turning spaces into '▁')."""
+    t = get_template(template)
+    parts = [t.header.rstrip("\n"), t.header_input.rstrip("\n"), "\n\n" + t.instruction.split("{")[0],
+             "\n\n" + t.input.split("{")[0], "\n\n" + t.response, "\n"]
+    return [p.replace(" ", "\u2581") for p in parts]
+
+
+def make_tokenizer(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
+    """A small BPE SentencePiece model like LLaMA's (identity normalisation, byte fallback, digits
+    split), trained on the generated questions and answers, saved as a Hugging Face tokenizer dir."""
+    import sentencepiece as spm
+
+    from .modeling import load_tokenizer
+
+    d = out / "tokenizer"
+    settings = {"vocab_size": cfg.vocab_size, "template": cfg.template,
+                "data": json.loads((train_file.parent / "settings.json").read_text())}
+    if _same_settings(d / "demo_settings.json", settings):
+        return d
+    # Question and answer on one line, as they follow each other in training: on a line of its
+    # own an answer would get the dummy prefix and teach pieces like '▁木'.
+    lines = []
+    for line in train_file.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        lines.append(r["instruction"] + r["output"])
+    # a little Latin text so the chat transcript's English is pieces, not bytes
+    lines += ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 Hello hello"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=cfg.vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, user_defined_symbols=_special_pieces(cfg.template),
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    with atomic_dir(d) as tmp:
+        (tmp / "tokenizer.model").write_bytes(model.getvalue())
+        tok = load_tokenizer(tmp / "tokenizer.model")
+        tok.save_pretrained(str(tmp))
+        (tmp / "demo_settings.json").write_text(json.dumps(settings))
+    return d
+
+
+def make_base_model(cfg: DemoConfig, tok_dir: Path, out: Path) -> Path:
+    from .modeling import load_tokenizer, save_model_dir, tiny_llama
+
+    d = out / "base"
+    # LLaMA's 8/3 x width, rounded up to a multiple of 32 so every layer fits 4-bit GPTQ groups
+    # of 32 and torch's int4 CPU kernel (in_features % group == 0, out_features % 16 == 0)
+    settings = {"hidden_size": cfg.hidden_size, "layers": cfg.num_layers, "seed": cfg.seed,
+                "intermediate_size": math.ceil(cfg.hidden_size * 8 / 3 / 32) * 32,
+                "tokenizer": json.loads((tok_dir / "demo_settings.json").read_text())}
+    if (d / "toucan.json").is_file() and _manifest(d).get("demo") == settings:
+        return d
+    tok = load_tokenizer(tok_dir)
+    model = tiny_llama(len(tok), seed=cfg.seed, tokenizer=tok, hidden_size=cfg.hidden_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.hidden_size // 32,
+                       intermediate_size=settings["intermediate_size"], max_position_embeddings=cfg.max_len * 2)
+    n = sum(p.numel() for p in model.parameters())
+    save_model_dir(d, model, tok, command="demo", config=cfg, manifest_extra={"demo": settings, "parameters": n})
+    return d
+
+
+def exact_match(model_dir: Path, held_file: Path, template: str, batch_size: int = 64) -> dict:
+    """Greedy answers to the held-out questions through the shared engine; exact match per family."""
+    import torch
+
+    from .engine import Engine
+
+    # modeling.load_model switches autograd off process-wide; the demo trains afterwards
+    with torch.enable_grad():
+        engine = Engine.from_dir(model_dir, device="cpu", template=template)
+    recs = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
+    opts = greedy(max_new_tokens=12)
+    answers = []
+    for i in range(0, len(recs), batch_size):
+        chunk = recs[i:i + batch_size]
+        answers += [c.text for c in engine.generate_batch(
+            [build_prompt(r["instruction"], r["input"], template=template) for r in chunk], opts)]
+    per: dict[str, list[int]] = {}
+    for r, a in zip(recs, answers):
+        per.setdefault(r["family"], []).append(int(a.strip() == r["output"]))
+    ok = sum(sum(v) for v in per.values())
+    return {"accuracy": ok / len(recs), "correct": ok, "total": len(recs),
+            "per_family": {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())},
+            "examples": [{"q": r["instruction"], "want": r["output"], "got": a} for r, a in zip(recs[:5], answers)]}
+
+
+def greedy(max_new_tokens: int) -> GenerationOptions:
+    return GenerationOptions(max_new_tokens=max_new_tokens, do_sample=False, temperature=0.0,
+                             repetition_penalty=1.0, num_beams=1)
+
+
+def chat_transcript(model_dir: Path, template: str, questions: list[str]) -> list[dict]:
+    """A multi-turn conversation through the engine, history kept as `toucan chat` keeps it."""
+    from .engine import Engine
+
+    engine = Engine.from_dir(model_dir, device="cpu", template=template)
+    history: list[tuple[str, str]] = []
+    turns = []
+    for q in questions:
+        prompt, history = engine.chat_prompt(history, q, max_new_tokens=16)
+        a = engine.generate(prompt, greedy(16)).text
+        history = history + [(q, a)]
+        turns.append({"user": q, "assistant": a})
+    return turns
+
+
+def train_config(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> TrainConfig:
+    return TrainConfig(
+        model_name_or_path=str(base), data_path=[str(train_file)], output_dir=str(out / "sft"),
+        template=cfg.template, model_max_length=cfg.max_len, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        warmup_ratio=0.05, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=50,
+        save_steps=max(100, cfg.max_steps // 4), save_total_limit=1, seed=cfg.seed,
+        resume_from_checkpoint=None)
+
+
+# Families as BELLE eval classes, so `toucan eval` (whose table has BELLE's ten columns) can score
+# the demo's held-out questions; the reference judge's ROUGE-L against the one right answer is 1.0
+# exactly when the answer is right.
+EVAL_CLASS = {"add": "math", "parity": "math", "greater": "classification", "compare": "closed qa",
+              "reverse": "rewrite", "repeat": "rewrite", "count": "extract"}
+
+
+def delta_round_trip(base: Path, sft: Path, out: Path) -> Path:
+    """make-delta then apply-delta (which verifies sha256 of every restored file) -> restored dir."""
+    from .config import ApplyDeltaConfig, MakeDeltaConfig
+    from .delta import run_apply_delta, run_make_delta
+
+    delta, restored = out / "delta", out / "sft-restored"
+    run_make_delta(MakeDeltaConfig(base=str(base), target=str(sft), delta=str(delta)))
+    run_apply_delta(ApplyDeltaConfig(base=str(base), delta=str(delta), target=str(restored)))
+    return restored
+
+
+def quantize_4bit(cfg: DemoConfig, model: Path, calib: Path, out: Path) -> Path:
+    from .config import QuantizeConfig
+    from .quant import run_quantize
+
+    q = out / "sft-gptq-4bit"
+    run_quantize(QuantizeConfig(model=str(model), output=str(q), method="gptq", bits=4,
+                                group_size=cfg.quant_group_size, calib_data=str(calib), calib_samples=128,
+                                calib_max_len=cfg.max_len, template=cfg.template, seed=cfg.seed, device="cpu"))
+    return q
+
+
+def evaluate(cfg: DemoConfig, models: dict[str, Path], held_file: Path, out: Path) -> Path:
+    """`toucan eval` generate + judge (offline reference judge) + report for each model."""
+    from .config import EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig
+    from .eval.generate import run_eval_generate
+    from .eval.judge import run_eval_judge
+    from .eval.report import run_eval_report
+
+    d = out / "eval"
+    d.mkdir(parents=True, exist_ok=True)
+    eval_set = d / "eval_set.jsonl"
+    atomic_write_text(eval_set, "".join(
+        json.dumps({"question": r["instruction"], "class": EVAL_CLASS[r["family"]], "std_answer": r["output"]},
+                   ensure_ascii=False) + "\n"
+        for r in map(json.loads, held_file.read_text(encoding="utf-8").splitlines())))
+    scores = []
+    for name, model in models.items():
+        answers = d / f"answers-{name}.jsonl"
+        answers.unlink(missing_ok=True)  # the model may have been retrained: never resume stale answers
+        run_eval_generate(EvalGenerateConfig(
+            model=str(model), eval_set=str(eval_set), output=str(answers), model_name=f"demo-{name}",
+            template=cfg.template, device="cpu", batch_size=64, max_new_tokens=32, do_sample=False,
+            temperature=0.0, repetition_penalty=1.0))
+        scores.append(d / f"scores-{name}.jsonl")
+        run_eval_judge(EvalJudgeConfig(answers=str(answers), output=str(scores[-1]), judge="reference"))
+    report = out / "report"
+    run_eval_report(EvalReportConfig(scores=[str(x) for x in scores], output=str(report)))
+    return report
+
+
+def _manifest(d: Path) -> dict:
+    return json.loads((d / "toucan.json").read_text(encoding="utf-8"))
+
+
+def _trained_with(sft: Path, tcfg: TrainConfig) -> bool:
+    """True when sft/ is a finished `toucan train` output for exactly these settings."""
+    if not (sft / "toucan.json").is_file():
+        return False
+    return _manifest(sft).get("config") == json.loads(json.dumps(dataclasses.asdict(tcfg)))
+
+
+def auto_threads() -> int:
+    """All cores on an idle machine, fewer when others are busy: on this 2-core box a 2-thread
+    OpenMP step ran 7x slower than a 1-thread one while other processes kept the cores busy
+    (threads spin-waiting for a core); the 1-minute load average is the cheap signal."""
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0]
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def run_demo(cfg: DemoConfig) -> int:
+    import torch
+
+    t0 = time.time()
+    torch.set_num_threads(cfg.threads or auto_threads())
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+
+    def lap(name: str, t: float) -> None:
+        times[name] = round(time.time() - t, 1)
+        log.info("demo: %s done in %.1f s", name, times[name])
+
+    t = time.time()
+    train_file, held_file = make_data(cfg, out)
+    tok_dir = make_tokenizer(cfg, train_file, out)
+    base = make_base_model(cfg, tok_dir, out)
+    lap("data+tokenizer+model", t)
+
+    t = time.time()
+    before = exact_match(base, held_file, cfg.template)
+    lap("eval before", t)
+
+    t = time.time()
+    from .train import run_train
+
+    tcfg = train_config(cfg, base, train_file, out)
+    sft = Path(tcfg.output_dir)
+    if not _trained_with(sft, tcfg):
+        run_train(tcfg)
+    else:
+        log.info("demo: reusing %s (trained with these settings)", sft)
+    losses = [h["loss"] for h in _manifest(sft)["train"]["log_history"] if "loss" in h]
+    lap("train", t)
+
+    t = time.time()
+    after = exact_match(sft, held_file, cfg.template)
+    lap("eval after", t)
+
+    recipe: dict = {}
+    final = sft
+    if cfg.full_recipe:
+        t = time.time()
+        restored = delta_round_trip(base, sft, out)
+        recipe["delta"] = {"delta": str(out / "delta"), "restored": str(restored), "bit_exact": all(
+            sha256_file(f) == sha256_file(restored / f.name) for f in sft.glob("*.safetensors"))}
+        lap("delta round trip", t)
+        t = time.time()
+        q4 = quantize_4bit(cfg, restored, train_file, out)
+        lap("gptq 4-bit", t)
+        t = time.time()
+        acc4 = exact_match(q4, held_file, cfg.template)
+        recipe["gptq_4bit"] = {"dir": str(q4), "group_size": cfg.quant_group_size,
+                               "accuracy": acc4["accuracy"], "per_family": acc4["per_family"],
+                               "kept_vs_fp32": round(acc4["accuracy"] / after["accuracy"], 4)
+                               if after["accuracy"] else None}
+        lap("eval 4-bit", t)
+        t = time.time()
+        report = evaluate(cfg, {"fp32": restored, "4bit": q4}, held_file, out)
+        recipe["report"] = {"dir": str(report), "table": str(report / "table.md"), "chart": str(report / "chart.png")}
+        lap("eval generate+judge+report", t)
+        final = restored
+
+    t = time.time()
+    held = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
+    transcript = chat_transcript(final, cfg.template, [r["instruction"] for r in held[:3]])
+    lap("chat", t)
+
+    from .modeling import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    summary = {
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "before": before, "after": after, "chat": transcript, "recipe": recipe,
+        "web_command": f"toucan web --model {final}",
+        "model": {"parameters": _manifest(base)["parameters"], "hidden_size": cfg.hidden_size, "layers": cfg.num_layers,
+                  "vocab_size": len(tok), "dir": str(sft)},
+        "train": {"steps": cfg.max_steps, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                  "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None},
+        "seconds": times, "total_seconds": round(time.time() - t0, 1),
+        "torch_threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    text = format_summary(summary)
+    atomic_write_text(out / "summary.txt", text + "\n")
+    print(text)
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    m, tr = s["model"], s["train"]
+    lines = [
+        f"toucan demo: tiny LLaMA, {m['parameters'] / 1e6:.2f} M parameters, vocabulary {m['vocab_size']}",
+        f"SFT: {tr['steps']} steps x {tr['batch_size']} examples, loss {tr['first_loss']} -> {tr['last_loss']}",
+        f"held-out exact match: before {s['before']['accuracy']:.1%}  after {s['after']['accuracy']:.1%}"
+        f" ({s['after']['correct']}/{s['after']['total']})",
+        "  per family after: " + ", ".join(f"{k} {v:.0%}" for k, v in s["after"]["per_family"].items()),
+        "chat:",
+    ]
+    for turn in s["chat"]:
+        lines += [f"  用户: {turn['user']}", f"  助手: {turn['assistant']}"]
+    r = s.get("recipe") or {}
+    if r:
+        q = r["gptq_4bit"]
+        lines += [f"delta round trip: {r['delta']['restored']} restored bit for bit from base + {r['delta']['delta']}",
+                  f"4-bit GPTQ (group {q['group_size']}): exact match {q['accuracy']:.1%}"
+                  f" ({q['kept_vs_fp32']:.1%} of fp32)" if q["kept_vs_fp32"] is not None else "",
+                  f"eval report (reference judge): {r['report']['table']}, chart {r['report']['chart']}"]
+    lines.append(f"time: {s['total_seconds']} s " + json.dumps(s["seconds"]))
+    lines.append(f"try it in the browser: {s['web_command']}")
+    return "\n".join(lines)

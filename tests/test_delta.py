@@ -161,7 +161,8 @@ def test_corrupted_delta_is_detected(tmp_path, capsys):
     data[-5] ^= 0x40  # one bit in the last tensor's data
     shard.write_bytes(bytes(data))
     out = tmp_path / "restored"
-    with pytest.raises(DeltaError, match=r"does not match the delta's checksums \(model\.norm\.weight\).* is corrupted"):
+    with pytest.raises(DeltaError, match=r"does not match the delta's checksums \(model\.norm\.weight\)"
+                                         r".* is corrupted"):
         apply_delta(base, tmp_path / "delta", out)
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert cli.main(["check-delta", "--base", str(base), "--delta", str(tmp_path / "delta")]) == 1
@@ -214,7 +215,8 @@ def test_cli_long_flags_and_check(tmp_path, capsys):
     assert cli.main(["make-delta", "--base-model-path", str(base), "--target-model-path", str(target),
                      "--delta-path", str(d)]) == 0
     assert cli.main(["apply-delta", "--base-model-path", str(base), "--delta-path", str(d),
-                     "--target-model-path", str(out)]) == 0
+                     "--target-model-path", str(out), "--verify_sha256"]) == 0
+    assert "(sha256 of the base and of every restored tensor)" in capsys.readouterr().out
     assert (out / "tokenizer_config.json").read_text() == (target / "tokenizer_config.json").read_text()
     assert read_delta_info(d)["method"] == "xor"
     capsys.readouterr()

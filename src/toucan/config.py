@@ -283,6 +283,8 @@ class ApplyDeltaConfig(DeltaPaths):
     """Restore a fine-tuned model from base + delta; refuses a wrong base, verifies the result."""
 
     target: str = opt(None, "model directory to write (atomically)", "--target-model-path", required=True)
+    verify_sha256: bool = opt(False, "check base and result with the recorded sha256 instead of the "
+                                     "xxh3-128 beside it (same detection, several times slower)")
 
 
 @dataclass

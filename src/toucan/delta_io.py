@@ -56,6 +56,15 @@ def sha256_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(raw_bytes(t)).hexdigest()  # hashlib releases the GIL on large buffers
 
 
+def xxh3_tensor(t: torch.Tensor) -> str:
+    import xxhash  # a dependency of datasets; ~7x faster than sha256 here (3.6 vs 0.55 GB/s)
+
+    return xxhash.xxh3_128(raw_bytes(t)).hexdigest()
+
+
+DIGESTS = {"sha256": sha256_tensor, "xxh3_128": xxh3_tensor}
+
+
 def read_header(path: str | os.PathLike) -> tuple[bytes, dict]:
     """(raw header bytes, parsed header) of a safetensors file."""
     try:
@@ -209,13 +218,14 @@ class Weights:
         return self._bin[1][name]
 
 
-def hashed_in_order(weights: Weights, names: Iterable[str], workers: int = 2) -> Iterator[tuple[str, str]]:
-    """(name, sha256) for each tensor, in order; reading stays in this thread while up to
-    `workers` tensors are hashed in parallel (hashlib releases the GIL)."""
+def hashed_in_order(weights: Weights, names: Iterable[str], algo: str = "sha256",
+                    workers: int = 2) -> Iterator[tuple[str, str]]:
+    """(name, digest) for each tensor, in order; reading stays in this thread while up to
+    `workers` tensors are hashed in parallel (the hashes release the GIL)."""
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for name in names:
-            pending.append((name, pool.submit(sha256_tensor, weights.get(name))))
+            pending.append((name, pool.submit(DIGESTS[algo], weights.get(name))))
             if len(pending) >= workers:
                 n, fut = pending.popleft()
                 yield n, fut.result()

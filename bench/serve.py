@@ -1,0 +1,261 @@
+"""Serving benchmark: a bounded load test of `toucan serve` on loopback, and engine decode speed.
+
+    .venv/bin/python bench/serve.py                      # CPU, tiny random LLaMA, 200 requests x 16 concurrent
+    .venv/bin/python bench/serve.py --device cuda --hidden_size 1024 --layers 8   # (bench/gpu.sh)
+
+Part 1 (in process): decode tokens/s of Engine.generate vs plain model.generate on the same model,
+batch 1, greedy, exactly --tokens new tokens (EOS suppressed), median of --repeats; ratio printed.
+Part 2 (a real `toucan serve` process): one stream alone (baseline), then --requests streaming chat
+requests, --concurrency at a time, each exactly --tokens tokens; once with engine batching
+(--max_batch_size 16) and once as a plain FIFO queue (--max_batch_size 1). Reports requests/s,
+aggregate tokens/s (and its ratio to the single stream), p50/p95 time to first token, errors, 5xx,
+and the server's peak RSS. Exits non-zero if any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-bench"
+
+
+def make_model(out: Path, hidden: int, layers: int) -> Path:
+    from toucan.modeling import load_tokenizer, save_model_dir, tiny_llama
+
+    tok = load_tokenizer(ROOT / "tests/fixtures/tiny_tokenizer")
+    model = tiny_llama(len(tok), tokenizer=tok, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=max(1, hidden // 64), intermediate_size=int(hidden * 2.6875),
+                       max_position_embeddings=1024)
+    save_model_dir(out, model, tok, command="bench-serve")
+    return out
+
+
+def decode_speed(model_dir: Path, device: str, tokens: int, repeats: int) -> dict:
+    import torch
+
+    from toucan.config import GenerationOptions
+    from toucan.engine import Engine
+
+    eng = Engine.from_dir(model_dir, device=device)
+    prompt = eng.chat_prompt([], "请写一首关于大海的诗。", tokens)[0]
+    ids = torch.tensor([eng.encode(prompt)], device=eng.model.device)
+    opts = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
+    tok = eng.tokenizer
+
+    def plain():
+        out = eng.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        return out.shape[1] - ids.shape[1]
+
+    def engine():
+        return eng.generate(prompt, opts).completion_tokens
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    # Interleaved (plain, engine, plain, ...) so both see the same background load on a shared box.
+    rates = {"plain": [], "engine": []}
+    plain(), engine()  # warm-up
+    for _ in range(repeats):
+        for name, fn in (("plain", plain), ("engine", engine)):
+            sync()
+            t = time.perf_counter()
+            n = fn()
+            sync()
+            assert n == tokens, (name, n)
+            rates[name].append(n / (time.perf_counter() - t))
+    res = {k: statistics.median(v) for k, v in rates.items()}
+    return res
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, device: str, max_batch: int, threads: int, log: Path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "toucan.cli", "-q", "serve", "--model", str(model_dir), "--port", str(self.port),
+             "--device", device, "--api-key", KEY, "--max_batch_size", str(max_batch), "--model_name", "bench"],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+            try:
+                httpx.get(self.base + "/v1/models", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        p = psutil.Process(self.proc.pid)
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, p.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+    def health(self) -> dict:
+        return httpx.get(self.base + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+
+    def close(self):
+        self._stop.set()
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def one_request(client: httpx.AsyncClient, base: str, tokens: int, i: int) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": f"第{i}个问题：请写一首关于大海的诗。"}],
+            "stream": True, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.7, "top_p": 0.9,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, usage, status = None, None, 0
+    try:
+        async with client.stream("POST", base + "/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {KEY}"}) as r:
+            status = r.status_code
+            if status != 200:
+                await r.aread()
+                return {"ok": False, "status": status}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                msg = json.loads(line[6:])
+                if "error" in msg:
+                    return {"ok": False, "status": 500}
+                if msg["choices"] and msg["choices"][0]["delta"].get("content") and ttft is None:
+                    ttft = time.perf_counter() - t0
+                if msg.get("usage"):
+                    usage = msg["usage"]
+    except httpx.HTTPError as e:
+        return {"ok": False, "status": status, "error": repr(e)}
+    ok = usage is not None and usage["completion_tokens"] == tokens and ttft is not None
+    return {"ok": ok, "status": status, "ttft": ttft, "total": time.perf_counter() - t0,
+            "tokens": usage["completion_tokens"] if usage else 0}
+
+
+async def load(base: str, n: int, concurrency: int, tokens: int) -> tuple[list[dict], float]:
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+        async def bounded(i):
+            async with sem:
+                return await one_request(client, base, tokens, i)
+
+        t = time.perf_counter()
+        results = await asyncio.gather(*(bounded(i) for i in range(n)))
+        return results, time.perf_counter() - t
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def run_server_bench(model_dir, args, max_batch: int, work: Path) -> dict:
+    srv = Server(model_dir, args.device, max_batch, args.threads, work / f"server-b{max_batch}.log")
+    try:
+        asyncio.run(load(srv.base, 4, 4, 4))  # warm-up
+        single, t_single = asyncio.run(load(srv.base, args.single, 1, args.tokens))
+        before = srv.health()
+        results, wall = asyncio.run(load(srv.base, args.requests, args.concurrency, args.tokens))
+        after = srv.health()
+    finally:
+        srv.close()
+    good = [r for r in results if r["ok"]]
+    single_tps = sum(r["tokens"] for r in single) / t_single
+    agg_tps = sum(r["tokens"] for r in good) / wall
+    batches = after["batches"] - before["batches"]
+    return {
+        "max_batch_size": max_batch, "requests": len(results), "ok": len(good),
+        "errors": len(results) - len(good), "5xx": sum(1 for r in results if r["status"] >= 500),
+        "wall_s": wall, "req_per_s": len(good) / wall, "agg_tok_per_s": agg_tps,
+        "single_stream_tok_per_s": single_tps, "agg_vs_single": agg_tps / single_tps,
+        "ttft_p50_s": pct([r["ttft"] for r in good], 50), "ttft_p95_s": pct([r["ttft"] for r in good], 95),
+        "single_ttft_s": statistics.median(r["ttft"] for r in single),
+        "mean_batch": (after["rows"] - before["rows"]) / max(1, batches),
+        "peak_rss_mb": srv.peak_rss / 2**20,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model directory (default: a random tiny LLaMA made here)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hidden_size", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per request (exact)")
+    ap.add_argument("--single", type=int, default=5, help="requests in the one-stream baseline")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (bench and server)")
+    ap.add_argument("--skip_queue", action="store_true", help="skip the max_batch_size=1 (queue) run")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        model_dir = Path(args.model) if args.model else make_model(work / "tiny", args.hidden_size, args.layers)
+        n_params = None
+        if not args.model:
+            from transformers import AutoConfig
+
+            c = AutoConfig.from_pretrained(model_dir)
+            n_params = f"hidden {c.hidden_size}, {c.num_hidden_layers} layers, vocab {c.vocab_size}"
+        print(f"model: {model_dir if args.model else n_params}; device {args.device}; threads {args.threads}; "
+              f"cpu: {psutil.cpu_count()} cores")
+        dec = decode_speed(model_dir, args.device, 128, args.repeats)
+        print(f"decode (batch 1, 128 new tokens, greedy): engine {dec['engine']:.1f} tok/s vs plain "
+              f"model.generate {dec['plain']:.1f} tok/s  -> ratio {dec['engine'] / dec['plain']:.2f}")
+        runs = [run_server_bench(model_dir, args, 16, work)]
+        if not args.skip_queue:
+            runs.append(run_server_bench(model_dir, args, 1, work))
+    for r in runs:
+        mode = "batched (max 16)" if r["max_batch_size"] > 1 else "queue (batch 1)"
+        print(f"serve {mode}: {r['requests']} streaming requests x {args.tokens} tokens, {args.concurrency} concurrent: "
+              f"{r['req_per_s']:.2f} req/s, {r['agg_tok_per_s']:.1f} tok/s aggregate vs one stream "
+              f"{r['single_stream_tok_per_s']:.1f} tok/s -> ratio {r['agg_vs_single']:.2f}; "
+              f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p95 {r['ttft_p95_s'] * 1000:.0f} ms "
+              f"(alone {r['single_ttft_s'] * 1000:.0f} ms); mean batch {r['mean_batch']:.1f}; "
+              f"errors {r['errors']}, 5xx {r['5xx']}; server peak RSS {r['peak_rss_mb']:.0f} MiB")
+    if len(runs) == 2:
+        print(f"batching vs queue: aggregate tok/s ratio {runs[0]['agg_tok_per_s'] / runs[1]['agg_tok_per_s']:.2f}, "
+              f"TTFT p95 ratio {runs[0]['ttft_p95_s'] / runs[1]['ttft_p95_s']:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"decode": dec, "serve": runs}, indent=2))
+    return 1 if any(r["errors"] or r["5xx"] for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -83,6 +83,7 @@ def test_plan_keeps_odd_widths_in_full_precision(tiny_model_dir):
     # real LLaMA-7B widths all pass; 3-bit packing needs whole 32-value blocks
     assert layer_problem(4096, 11008, 4, 128) is None and layer_problem(11008, 4096, 4, 128) is None
     assert layer_problem(48, 64, 3, -1) and layer_problem(64, 64, 3, -1) is None
+    assert "out_features 172" in layer_problem(64, 172, 3, 32)  # 3-bit zeros pack 32 per 3 words
 
 
 def test_calibration_uses_the_chat_format(trained, tiny_tok):

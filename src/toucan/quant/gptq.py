@@ -41,15 +41,18 @@ def gptqmodel_env() -> None:
 def layer_problem(in_features: int, out_features: int, bits: int, group_size: int) -> str | None:
     """Why a Linear of this shape cannot be stored/run as a GPTQ layer, or None if it can.
 
-    GPTQModel would quantize such layers by padding, but the saved checkpoint then crashes at
-    load or first forward on CPU (torch's int4 kernel needs K % group == 0 and N % 16 == 0), so
-    we keep them in full precision instead and say so. Real LLaMA widths (4096, 11008, ...) pass.
+    GPTQModel tries to pad such layers, but then crashes while packing (3-bit zeros need N % 32)
+    or the saved checkpoint crashes at load / first forward on CPU (torch's int4 kernel needs
+    K % group == 0 and N % 16 == 0), so we keep them in full precision instead and say so.
+    Real LLaMA widths (4096, 11008, ...) pass.
     """
     if group_size > 0 and in_features % group_size:
         return f"in_features {in_features} is not a multiple of group size {group_size}"
     pack = 32 // math.gcd(32, bits)  # values of `bits` bits that fill whole int32 words
     if in_features % pack:
         return f"in_features {in_features} is not a multiple of {pack} ({bits}-bit int32 packing)"
+    if out_features % pack:  # qzeros are packed along the output dim the same way
+        return f"out_features {out_features} is not a multiple of {pack} ({bits}-bit int32 packing of zeros)"
     if bits == 4 and out_features % 16:
         return f"out_features {out_features} is not a multiple of 16 (torch's CPU int4 kernel)"
     return None

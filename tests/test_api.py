@@ -14,7 +14,7 @@ import pytest
 
 from test_engine import REPLY, save_parrot
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY = "sk-toucan-test"
 # One thread per test process: 2 OpenMP threads on 2 cores shared with other tests are far slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

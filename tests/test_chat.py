@@ -9,7 +9,7 @@ import pytest
 
 from test_engine import REPLY, save_parrot
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # One thread per test process: 2 OpenMP threads on 2 cores shared with other tests are far slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 GREEDY = ["--temperature", "0", "--repetition_penalty", "1.0", "--max-tokens", "32"]
@@ -25,7 +25,11 @@ def toucan(args, stdin, cwd):
                           text=True, timeout=120, cwd=cwd, env=ENV)
 
 
-def test_interactive_commands_and_history(model_dir, tmp_path):
+def test_interactive_commands_history_and_plain_mode(model_dir, tmp_path):
+    # --plain (stdin -> stdout) runs at the same time: two CLI processes, half the wall time
+    plain = subprocess.Popen([sys.executable, "-m", "toucan.cli", "-q", "chat", "--model", str(model_dir), "--plain",
+                              *GREEDY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=tmp_path, env=ENV)
     script = "\n".join([
         "你好", "/regen", "/save one.json",       # one turn, answered twice
         "你好", "/save two.json",                # history goes into the second prompt
@@ -42,10 +46,13 @@ def test_interactive_commands_and_history(model_dir, tmp_path):
     assert len(turns("two.json")) == 4 and turns("two.json") == turns("loaded.json")
     assert len(turns("undo.json")) == 2 and turns("none.json") == []
 
+    out, err = plain.communicate("你好\n", timeout=120)
+    assert plain.returncode == 0, err
+    assert out == REPLY + "\n"  # only the answer on stdout
 
-def test_plain_mode_reads_stdin_writes_answer(model_dir, tmp_path):
-    r = toucan(["-q", "chat", "--model", str(model_dir), "--plain", *GREEDY], "你好\n", tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == REPLY + "\n"
-    r = toucan(["-q", "chat", "--model", str(tmp_path / "missing"), "--plain"], "你好\n", tmp_path)
-    assert r.returncode == 2 and "not a directory" in r.stderr and "Traceback" not in r.stderr
+
+def test_missing_model_is_one_line_error(tmp_path, capsys):
+    from toucan import cli
+
+    assert cli.main(["-q", "chat", "--model", str(tmp_path / "missing"), "--plain"]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -21,6 +21,15 @@ def write_data(path: Path, n: int = 40) -> Path:
     return path
 
 
+def small_vocab_model(out: Path, tok, missing_rows: int, seed: int) -> Path:
+    """A saved tiny model whose embedding has `missing_rows` fewer rows than its tokenizer (as a base
+    model meets an extended vocabulary): training must resize it."""
+    from toucan.modeling import save_model_dir, tiny_llama
+
+    save_model_dir(out, tiny_llama(len(tok) - missing_rows, tokenizer=tok, seed=seed), tok, command="test-fixture")
+    return out
+
+
 def tcfg(model_dir, data, out, **kw) -> TrainConfig:
     base = dict(model_name_or_path=str(model_dir), data_path=[str(data)], output_dir=str(out),
                 max_steps=4, learning_rate=1e-3, logging_steps=1, save_steps=1000, model_max_length=64,

@@ -106,12 +106,10 @@ def run_torchrun(mode: str, model_dir: Path, data: Path, out: Path, info: Path) 
 
 @pytest.fixture(scope="module")
 def dist_model_dir(tmp_path_factory, tiny_tok):
-    """Tiny model with 8 embedding rows fewer than its tokenizer (exercises resize under each mode)."""
-    from toucan.modeling import save_model_dir, tiny_llama
+    """8 embedding rows fewer than its tokenizer: exercises the resize under each mode."""
+    from test_train import small_vocab_model
 
-    out = tmp_path_factory.mktemp("models") / "dist"
-    save_model_dir(out, tiny_llama(len(tiny_tok) - 8, tokenizer=tiny_tok, seed=3), tiny_tok, command="test-fixture")
-    return out
+    return small_vocab_model(tmp_path_factory.mktemp("models") / "dist", tiny_tok, 8, seed=3)
 
 
 @pytest.mark.slow

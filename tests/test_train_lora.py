@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from test_train import tcfg, write_data
+from test_train import small_vocab_model, tcfg, write_data
 
 
 def test_resize_embeddings_new_rows_are_mean(tiny_tok):
@@ -29,12 +29,7 @@ def test_resize_embeddings_new_rows_are_mean(tiny_tok):
 
 @pytest.fixture(scope="module")
 def small_vocab_model_dir(tmp_path_factory, tiny_tok):
-    """A tiny model whose embedding has fewer rows than the tokenizer (an extended vocabulary)."""
-    from toucan.modeling import save_model_dir, tiny_llama
-
-    out = tmp_path_factory.mktemp("models") / "small_vocab"
-    save_model_dir(out, tiny_llama(len(tiny_tok) - 24, tokenizer=tiny_tok, seed=1), tiny_tok, command="test-fixture")
-    return out
+    return small_vocab_model(tmp_path_factory.mktemp("models") / "small_vocab", tiny_tok, 24, seed=1)
 
 
 @pytest.mark.integration

@@ -137,15 +137,28 @@ def pack_examples(examples: Sequence[dict], max_len: int) -> list[dict]:
 
 @dataclass
 class PackedCollator:
-    """Right-pad packed rows: padding is one more 'example' (position_ids restarting at 0, labels
+    """Batch packed rows. Padding is one more 'example' (position_ids restarting at 0, labels
     -100) so it forms its own attention block, and no attention_mask is sent (a 2-D mask, like a
-    KV cache, switches transformers off its packed-sequence path)."""
+    KV cache, switches transformers off its packed-sequence path).
+
+    one_row=True (what `toucan train --packing` uses) joins the batch's rows into a single row,
+    which needs no padding at all, and adds `logits_to_keep`: the positions whose next token is a
+    label. The LM head and the loss then run only there (see response_loss), not on prompt
+    tokens, whose logits would be computed and thrown away: with a 32k vocabulary the head is
+    most of a small model's compute."""
 
     pad_token_id: int
+    one_row: bool = False
 
     def __call__(self, features: Sequence[dict]) -> dict:
         import torch
 
+        if self.one_row:
+            cat = lambda k: torch.as_tensor([x for f in features for x in f[k]])[None]   # noqa: E731
+            ids, labels, pos = cat("input_ids"), cat("labels"), cat("position_ids")
+            keep = (labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
+            return {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False,
+                    "logits_to_keep": keep}
         n = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), n), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
@@ -159,6 +172,20 @@ class PackedCollator:
         # use_cache=False: with a KV cache present transformers skips the packed-sequence mask and
         # lets every token attend across example boundaries (checked on 5.24)
         return {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
+
+
+def response_loss(outputs, labels, num_items_in_batch=None):
+    """Causal-LM loss from logits computed only at `logits_to_keep` positions (one-row batches):
+    the same per-token mean as the model's own loss (sum over label tokens / their count across
+    the accumulated batch, as the Trainer passes it). A Trainer `compute_loss_func`."""
+    import torch.nn.functional as F
+
+    keep = (labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
+    # reshape, not logits[0]: indexing's backward writes a zero tensor the size of all the logits
+    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1]).float()
+    assert logits.shape[0] == keep.numel(), "logits_to_keep and labels disagree"
+    loss = F.cross_entropy(logits, labels[0, keep + 1], reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else max(1, keep.numel()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,7 +462,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     n_examples = len(examples)
     if cfg.packing:
         examples = pack_examples(examples, cfg.model_max_length)
-        collator = PackedCollator(tokenizer.pad_token_id)
+        collator = PackedCollator(tokenizer.pad_token_id, one_row=True)
         fill = sum(len(r["input_ids"]) for r in examples) / (len(examples) * cfg.model_max_length)
         log.info("packed %d examples into %d rows of %d tokens (%.1f%% full)", n_examples, len(examples),
                  cfg.model_max_length, 100 * fill)
@@ -443,7 +470,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         result, state_dict, saved_model = train_fsdp_cpu(cfg, model, examples, collator, args)
     else:
         trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator,
-                          processing_class=tokenizer, callbacks=[*callbacks, CheckpointMarker()])
+                          processing_class=tokenizer, callbacks=[*callbacks, CheckpointMarker()],
+                          compute_loss_func=response_loss if cfg.packing else None)
         out = trainer.train(resume_from_checkpoint=resolve_resume(cfg))
         result = TrainResult(Path(cfg.output_dir), list(trainer.state.log_history), trainer.state.global_step,
                              model=trainer.model_wrapped, trainer=trainer)
@@ -522,9 +550,13 @@ def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args
             dist.all_reduce(n_tokens)
             step_loss = torch.zeros(())
             for b in micro:
-                out = model(**b, num_items_in_batch=n_tokens)
-                (out.loss * dist.get_world_size()).backward()   # FSDP averages gradients over ranks
-                step_loss += out.loss.detach()
+                if "logits_to_keep" in b:
+                    labels = b.pop("labels")
+                    loss = response_loss(model(**b), labels, n_tokens)
+                else:
+                    loss = model(**b, num_items_in_batch=n_tokens).loss
+                (loss * dist.get_world_size()).backward()   # FSDP averages gradients over ranks
+                step_loss += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
             sched.step()

@@ -21,8 +21,8 @@ TEXTS = ["你好，请介绍一下你自己。", "  两个前导空格", " 前�
          "结尾空格  ", "a</s>b <s> 中", ""]
 
 
-def assert_same_ids(out_dir, texts):
-    fast, slow = load_tokenizer(out_dir), load_slow_tokenizer(out_dir)
+def assert_same_ids(out_dir, texts, fast=None, slow=None):
+    fast, slow = fast or load_tokenizer(out_dir), slow or load_slow_tokenizer(out_dir)
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
     assert len(fast) == len(slow) == sp.get_piece_size()
     fast_ids = fast(texts).input_ids
@@ -37,19 +37,19 @@ def assert_same_ids(out_dir, texts):
 def chinese_llama(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "chinese-llama"
     stats = extend(shared_path("tokenizers/llama_tokenizer.model"), shared_path("tokenizers/chinese_sp.model"), out)
-    return out, stats
+    return out, stats, load_tokenizer(out), load_slow_tokenizer(out)
 
 
 def test_chinese_llama_merge(chinese_llama):
-    out, stats = chinese_llama
+    out, stats, fast, slow = chinese_llama
     assert stats == {"base_pieces": 32000, "add_pieces": 20000, "appended": 17953, "pieces": 49953}
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                                                      "toucan.json"]
     assert verify_manifest(out) == []
-    fast = assert_same_ids(out, TEXTS)
+    assert_same_ids(out, TEXTS, fast, slow)
     assert len(fast) == 49953
     assert fast.tokenize("你好，请介绍一下你自己。") == ["▁你好", "，", "请", "介绍一下", "你自己", "。"]
-    assert load_slow_tokenizer(out).tokenize("你好，请介绍一下你自己。") == fast.tokenize("你好，请介绍一下你自己。")
+    assert slow.tokenize("你好，请介绍一下你自己。") == fast.tokenize("你好，请介绍一下你自己。")
     assert fast.decode(fast("中文和English混合").input_ids, skip_special_tokens=True) == "中文和English混合"
 
 
@@ -58,10 +58,9 @@ def test_chinese_llama_on_alpaca_zh(chinese_llama):
     breaks score ties by position and tokenizers' BPE by merge rank, so on long texts the fast
     tokenizer can choose another, equally valid, split. Both must stay lossless and close in length;
     the slow tokenizer must equal SentencePiece exactly."""
-    out, _ = chinese_llama
+    out, _, fast, slow = chinese_llama
     records = json.loads(shared_path("data/alpaca/alpaca_zh_demo.json").read_text(encoding="utf-8"))
     texts = [r[k] for r in records[:300] for k in ("instruction", "input", "output") if r[k]]
-    fast, slow = load_tokenizer(out), load_slow_tokenizer(out)
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     fast_ids = fast(texts, add_special_tokens=False).input_ids
     same = 0

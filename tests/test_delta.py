@@ -77,9 +77,6 @@ def test_round_trip_is_bit_exact(tmp_path, dtype, extra_rows):
     dt = DTYPES[dtype]
     base = save(tiny_llama(VOCAB, seed=0), tmp_path / "base", dt)
     target = save(fine_tuned(extra_rows=extra_rows), tmp_path / "target", dt)
-    # Awkward bit patterns must survive too.
-    w = Weights(target).get("model.norm.weight")
-    assert w.numel() >= 4
     info = make_delta(base, target, tmp_path / "delta", max_shard_size="40KB")
     assert len(list((tmp_path / "delta").glob("delta-*.safetensors"))) > 1  # bounded shards + index
     rows = {n: p["base_rows"] for n, p in info["tensors"].items() if p["base_rows"] is not None}

@@ -170,6 +170,8 @@ def main() -> int:
     print(f"\nGPTQ-4bit-g128 KL / RTN-4bit-g128 KL = {kl_ratio:.3f} (need <= 0.5): {'PASS' if ok1 else 'FAIL'}")
     print(f"perplexity increase GPTQ {d_g:+.4f} vs RTN {d_r:+.4f} (ratio {d_g / d_r if d_r else math.nan:.3f}, "
           f"need GPTQ <= RTN): {'PASS' if ok2 else 'FAIL'}")
+    print(f"|perplexity change|: GPTQ {abs(d_g):.4f} vs RTN {abs(d_r):.4f} (GPTQ stays closer to fp32: "
+          f"{'yes' if abs(d_g) <= abs(d_r) else 'no'})")
     (out / "results.json").write_text(json.dumps({"rows": rows, "kl_ratio": kl_ratio, "args": vars(args)}, indent=2))
     return 0 if ok1 and ok2 else 1
 

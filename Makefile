@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Debian's Chromium drives the Gradio page in the browser test (no browser download).
+# Debian's Chromium drives the Gradio page in the browser test (no browser download);
+# the CJK font makes Chinese text legible in its screenshots.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium chromium-driver; \
-	  else echo "chromium missing: run 'sudo apt-get install chromium chromium-driver'"; fi; }
+	@if ! command -v chromium >/dev/null 2>&1 || ! dpkg -s fonts-wqy-microhei >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium chromium-driver fonts-wqy-microhei; \
+	  else echo "missing: run 'sudo apt-get install chromium chromium-driver fonts-wqy-microhei'"; fi; fi
 
 demo: install
 	$(VENV)/bin/toucan demo

@@ -83,7 +83,8 @@ def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> Non
     else:
         kw["type"] = elem
         if is_list:
-            kw["nargs"] = "+" if meta.get("required") else "*"
+            # extend: `--stop a b` and `--stop a --stop b` both give [a, b]
+            kw["nargs"], kw["action"] = "+", "extend"
     if meta.get("required"):
         # Checked after --config is merged (see main), so a config file can supply it.
         kw["help"] = f"{help_text} (required)"

@@ -72,3 +72,25 @@ def test_train_with_packing(tmp_path, tiny_model_dir):
     assert res.losses[-1] < res.losses[0]
     m = read_manifest(tmp_path / "out")["train"]
     assert m["examples"] == 40 and 0 < m["packed_rows"] < 40
+
+
+def test_one_row_response_only_loss_equals_model_loss(tiny_tok):
+    """The --packing training batch (rows joined into one, LM head only where a label follows)
+    gives the same loss as the model's full-logits loss on the same packed rows."""
+    import torch
+
+    from toucan.modeling import tiny_llama
+    from toucan.train import PackedCollator, pack_examples, response_loss
+
+    model = tiny_llama(len(tiny_tok), tokenizer=tiny_tok, seed=6).eval()
+    rows = pack_examples(examples(tiny_tok), 96)
+    one = PackedCollator(tiny_tok.eos_token_id, one_row=True)(rows)
+    multi = PackedCollator(tiny_tok.eos_token_id)(rows)
+    assert one["input_ids"].shape[0] == 1 and one["logits_to_keep"].numel() == (multi["labels"] != IGNORE_INDEX).sum()
+    with torch.no_grad():
+        labels = one.pop("labels")
+        out = model(**one)
+        assert out.logits.shape[1] == one["logits_to_keep"].numel() < labels.shape[1]
+        loss = response_loss(out, labels)
+        full = model(**multi).loss
+    assert torch.allclose(loss, full, atol=1e-5), (loss, full)

@@ -98,6 +98,7 @@ def test_full_sft_loss_falls_and_saves_hf_dir(tmp_path, tiny_model_dir, tiny_tok
     assert not model.model.embed_tokens.weight.equal(base.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_cli_train_on_tiny_model_dir(tmp_path, tiny_model_dir):
     data = write_data(tmp_path / "d.json", n=16)

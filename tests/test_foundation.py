@@ -74,3 +74,20 @@ def test_every_command_has_help(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--model_name_or_path" in out
+
+
+def test_atomic_outputs_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from toucan.fsutil import atomic_write_text
+
+    atomic_write_text(tmp_path / "f.txt", "x")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "w").write_text("y")
+    old = os.umask(0o022)
+    os.umask(old)
+    if old & 0o044:
+        pytest.skip("umask hides group/other read bits")
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) & 0o044 == 0o044
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) & 0o055 == 0o055

@@ -15,6 +15,18 @@ from typing import Any, Iterator
 CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str | os.PathLike, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 (private while being written); give the finished output
+    the mode a plain open()/mkdir() would have, so other users can read models and results."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -32,6 +44,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -87,6 +100,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _publish_mode(tmp, is_dir=True)
         if target.exists():
             if not overwrite:
                 raise FileExistsError(target)

@@ -179,15 +179,15 @@ class DemoConfig:
 
     output_dir: str = opt("runs/demo", "run folder (everything the demo makes goes here)")
     seed: int = opt(0, "seed for data, model and training")
-    train_examples: int = opt(6000, "generated training questions")
+    train_examples: int = opt(8000, "generated training questions")
     eval_examples: int = opt(200, "held-out generated questions for exact-match accuracy")
-    families: list[str] = opt(["parity", "greater", "count"],
-                              "task families (parity, greater, count, compare, repeat, reverse, add)")
-    max_steps: int = opt(1200, "SFT optimizer steps")
+    families: list[str] = opt(["parity", "digits", "count"],
+                              "task families (parity, digits, count, greater, compare, repeat, reverse, add)")
+    max_steps: int = opt(800, "SFT optimizer steps")
     batch_size: int = opt(32, "SFT examples per step")
-    learning_rate: float = opt(2e-3, "SFT peak learning rate (tiny random models want a high one)")
-    hidden_size: int = opt(192, "tiny LLaMA width (heads = width / 32)")
-    num_layers: int = opt(4, "tiny LLaMA layers")
+    learning_rate: float = opt(3e-3, "SFT peak learning rate (tiny random models want a high one)")
+    hidden_size: int = opt(128, "tiny LLaMA width (heads = width / 32)")
+    num_layers: int = opt(2, "tiny LLaMA layers")
     vocab_size: int = opt(512, "demo SentencePiece vocabulary (trained on the generated data)")
     max_len: int = opt(64, "tokens per training example")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))

@@ -2,7 +2,9 @@
 
     generated Chinese tasks (toucan.demo_tasks) -> a SentencePiece tokenizer trained on them ->
     a random tiny LLaMA -> exact match before -> SFT with `toucan train` -> exact match after ->
-    a short chat transcript, all through the same template (toucan.prompts) and engine.
+    make-delta / apply-delta round trip -> 4-bit GPTQ -> `toucan eval` generate + judge (offline
+    reference judge) + report for fp32 and 4-bit -> a short chat transcript,
+    all through the same template (toucan.prompts) and generation engine (toucan.engine).
 
 Everything goes under cfg.output_dir; steps whose output already exists (for the same settings)
 are reused, so a rerun after an interruption continues where it stopped.
@@ -116,8 +118,7 @@ def exact_match(model_dir: Path, held_file: Path, template: str, batch_size: int
 
     from .engine import Engine
 
-    # modeling.load_model switches autograd off process-wide; the demo trains afterwards
-    with torch.enable_grad():
+    with torch.enable_grad():  # modeling.load_model switches autograd off process-wide
         engine = Engine.from_dir(model_dir, device="cpu", template=template)
     recs = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
     opts = greedy(max_new_tokens=12)
@@ -160,7 +161,8 @@ def train_config(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> Tr
         model_name_or_path=str(base), data_path=[str(train_file)], output_dir=str(out / "sft"),
         template=cfg.template, model_max_length=cfg.max_len, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        warmup_ratio=0.05, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=50,
+        warmup_ratio=0.05, lr_scheduler_type="cosine", weight_decay=0.0,
+        logging_steps=max(1, min(50, cfg.max_steps // 10)),
         save_steps=max(100, cfg.max_steps // 4), save_total_limit=1, seed=cfg.seed,
         resume_from_checkpoint=None)
 
@@ -168,8 +170,8 @@ def train_config(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> Tr
 # Families as BELLE eval classes, so `toucan eval` (whose table has BELLE's ten columns) can score
 # the demo's held-out questions; the reference judge's ROUGE-L against the one right answer is 1.0
 # exactly when the answer is right.
-EVAL_CLASS = {"add": "math", "parity": "math", "greater": "classification", "compare": "closed qa",
-              "reverse": "rewrite", "repeat": "rewrite", "count": "extract"}
+EVAL_CLASS = {"add": "math", "parity": "math", "digits": "classification", "greater": "classification",
+              "compare": "closed qa", "reverse": "rewrite", "repeat": "rewrite", "count": "extract"}
 
 
 def delta_round_trip(base: Path, sft: Path, out: Path) -> Path:
@@ -272,7 +274,10 @@ def run_demo(cfg: DemoConfig) -> int:
     tcfg = train_config(cfg, base, train_file, out)
     sft = Path(tcfg.output_dir)
     if not _trained_with(sft, tcfg):
-        run_train(tcfg)
+        # modeling.load_model (engine, eval) turns autograd off process-wide; a second demo in
+        # the same process (tests) would otherwise train with it off
+        with torch.enable_grad():
+            run_train(tcfg)
     else:
         log.info("demo: reusing %s (trained with these settings)", sft)
     losses = [h["loss"] for h in _manifest(sft)["train"]["log_history"] if "loss" in h]
@@ -346,10 +351,11 @@ def format_summary(s: dict) -> str:
         lines += [f"  用户: {turn['user']}", f"  助手: {turn['assistant']}"]
     r = s.get("recipe") or {}
     if r:
-        q = r["gptq_4bit"]
-        lines += [f"delta round trip: {r['delta']['restored']} restored bit for bit from base + {r['delta']['delta']}",
-                  f"4-bit GPTQ (group {q['group_size']}): exact match {q['accuracy']:.1%}"
-                  f" ({q['kept_vs_fp32']:.1%} of fp32)" if q["kept_vs_fp32"] is not None else "",
+        d, q = r["delta"], r["gptq_4bit"]
+        kept = f" ({q['kept_vs_fp32']:.1%} of fp32)" if q["kept_vs_fp32"] is not None else ""
+        lines += [f"delta round trip: base + {d['delta']} -> {d['restored']}, "
+                  + ("bit-exact" if d["bit_exact"] else "NOT bit-exact"),
+                  f"4-bit GPTQ (group {q['group_size']}): exact match {q['accuracy']:.1%}{kept}",
                   f"eval report (reference judge): {r['report']['table']}, chart {r['report']['chart']}"]
     lines.append(f"time: {s['total_seconds']} s " + json.dumps(s["seconds"]))
     lines.append(f"try it in the browser: {s['web_command']}")

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from .errors import ConfigError
 
-GENERATOR_VERSION = 4  # bump when the generated data changes: `toucan demo` then regenerates it
+GENERATOR_VERSION = 6  # bump when the generated data changes: `toucan demo` then regenerates it
 
 # Characters the string tasks draw from: common, distinct, one SentencePiece piece each.
 POOL = "春夏秋冬山水火木金土日月星云风雨花草鸟鱼虫马牛羊猫狗书画琴棋红黄蓝绿"
@@ -34,6 +34,11 @@ def _string(rng: random.Random, lo: int, hi: int) -> tuple:
     return tuple(rng.choice(POOL) for _ in range(rng.randint(lo, hi)))
 
 
+def _number_of_width(rng: random.Random, digits: int) -> int:
+    """Widths drawn evenly, not numbers (most numbers below 100000 have five digits)."""
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
+
+
 def _s(p: tuple) -> str:
     return "".join(p)
 
@@ -46,6 +51,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "{c}",
            lambda r: tuple(r.sample(range(100), 2)),
            lambda p: {"a": p[0], "b": p[1], "c": max(p)}),
+    Family("digits",
+           ("{a}是几位数？", "{a}有几位？", "数字{a}一共有几位数字？"),
+           "{c}",
+           lambda r: (_number_of_width(r, r.randint(1, 5)),),
+           lambda p: {"a": p[0], "c": len(str(p[0]))}),
     Family("greater",
            ("{a}比{b}大吗？", "{a}大于{b}吗？", "判断：{a}是否大于{b}？"),
            "{c}",
@@ -83,7 +93,8 @@ def make_example(family: Family, problem: tuple, rng: random.Random) -> dict:
             "output": family.reply.format(**slots), "family": family.name}
 
 
-def generate(n_train: int, n_eval: int, seed: int, families: Sequence[str]) -> tuple[list[dict], list[dict]]:
+def generate(n_train: int, n_eval: int, seed: int, families: Sequence[str],
+             history_fraction: float = 0.2) -> tuple[list[dict], list[dict]]:
     """(train, held_out) records, the families in equal shares, shuffled, deterministic in seed.
     No problem (family + content) is in both sets; held-out problems are distinct."""
     unknown = [f for f in families if f not in FAMILIES]
@@ -114,4 +125,10 @@ def generate(n_train: int, n_eval: int, seed: int, families: Sequence[str]) -> t
                 want_train -= 1
     rng.shuffle(train)
     rng.shuffle(held)
+    # Some training questions come after one or two earlier turns (other training questions with
+    # their answers), rendered as chat history by toucan.prompts: without them the model answers
+    # the first question of a chat and then, seeing an unfamiliar prompt, garbage.
+    for r in train[: int(len(train) * history_fraction)]:
+        r["history"] = [[h["instruction"], h["output"]] for h in rng.sample(train, rng.randint(1, 2))
+                        if h is not r and "history" not in h]
     return train, held

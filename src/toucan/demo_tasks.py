@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from .errors import ConfigError
 
-GENERATOR_VERSION = 6  # bump when the generated data changes: `toucan demo` then regenerates it
+GENERATOR_VERSION = 7  # bump when the generated data changes: `toucan demo` then regenerates it
 
 # Characters the string tasks draw from: common, distinct, one SentencePiece piece each.
 POOL = "春夏秋冬山水火木金土日月星云风雨花草鸟鱼虫马牛羊猫狗书画琴棋红黄蓝绿"
@@ -93,8 +93,7 @@ def make_example(family: Family, problem: tuple, rng: random.Random) -> dict:
             "output": family.reply.format(**slots), "family": family.name}
 
 
-def generate(n_train: int, n_eval: int, seed: int, families: Sequence[str],
-             history_fraction: float = 0.2) -> tuple[list[dict], list[dict]]:
+def generate(n_train: int, n_eval: int, seed: int, families: Sequence[str]) -> tuple[list[dict], list[dict]]:
     """(train, held_out) records, the families in equal shares, shuffled, deterministic in seed.
     No problem (family + content) is in both sets; held-out problems are distinct."""
     unknown = [f for f in families if f not in FAMILIES]
@@ -125,10 +124,4 @@ def generate(n_train: int, n_eval: int, seed: int, families: Sequence[str],
                 want_train -= 1
     rng.shuffle(train)
     rng.shuffle(held)
-    # Some training questions come after one or two earlier turns (other training questions with
-    # their answers), rendered as chat history by toucan.prompts: without them the model answers
-    # the first question of a chat and then, seeing an unfamiliar prompt, garbage.
-    for r in train[: int(len(train) * history_fraction)]:
-        r["history"] = [[h["instruction"], h["output"]] for h in rng.sample(train, rng.randint(1, 2))
-                        if h is not r and "history" not in h]
     return train, held

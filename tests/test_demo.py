@@ -18,7 +18,7 @@ QUOTED = re.compile(r"“(.+?)”")
 def problem_of(rec: dict) -> tuple:
     """The problem behind a question, read back from its text (independently of the generator)."""
     q = rec["instruction"]
-    if rec["family"] in ("add", "compare", "greater", "parity", "digits"):
+    if rec["family"] in ("add", "compare", "greater", "parity", "digits", "div5"):
         return rec["family"], tuple(int(x) for x in re.findall(r"\d+", q))
     return rec["family"], QUOTED.search(q).group(1)
 
@@ -28,13 +28,15 @@ def solve(rec: dict) -> str:
     return {"add": lambda: str(sum(p)), "compare": lambda: str(max(p)),
             "parity": lambda: "奇数" if p[0] % 2 else "偶数", "repeat": lambda: p,
             "greater": lambda: "是" if p[0] > p[1] else "否", "digits": lambda: str(len(str(p[0]))),
+            "div5": lambda: "否" if p[0] % 5 else "是",
             "reverse": lambda: p[::-1], "count": lambda: str(len(p))}[fam]()
 
 
 def test_tasks_split_answers_and_determinism():
     fams = list(FAMILIES)
-    train, held = generate(1600, 400, 0, fams)
-    assert len(train) == 1600 and len(held) == 400
+    n_train, n_held = 200 * len(fams), 50 * len(fams)
+    train, held = generate(n_train, n_held, 0, fams)
+    assert len(train) == n_train and len(held) == n_held
     for recs, n in ((train, 200), (held, 50)):
         assert {f: sum(r["family"] == f for r in recs) for f in FAMILIES} == {f: n for f in FAMILIES}
     for r in train + held:
@@ -48,8 +50,8 @@ def test_tasks_split_answers_and_determinism():
     for f in FAMILIES:
         shapes = {re.sub(r"\d+|“.+?”", "_", r["instruction"]) for r in train if r["family"] == f}
         assert len(shapes) == len(FAMILIES[f].phrasings) >= 3, shapes
-    assert generate(1600, 400, 0, fams) == (train, held)
-    assert generate(1600, 400, 1, fams)[0] != train
+    assert generate(n_train, n_held, 0, fams) == (train, held)
+    assert generate(n_train, n_held, 1, fams)[0] != train
     assert {r["family"] for r in generate(10, 4, 0, ["count", "parity"])[0]} == {"count", "parity"}
     with pytest.raises(ConfigError, match="unknown demo task family nope"):
         generate(10, 4, 0, ["count", "nope"])
@@ -82,7 +84,8 @@ def test_demo_smoke(tmp_path, capsys):
 
     tok = load_tokenizer(out / "tokenizer")
     pieces = tok.convert_ids_to_tokens(tok(build_prompt("655是奇数还是偶数？"), add_special_tokens=False)["input_ids"])
-    assert pieces[1].startswith("Below\u2581is\u2581an") and len(pieces) <= 12, pieces  # ~35 with LLaMA's
+    assert pieces[1].startswith("Below\u2581is\u2581an") and pieces[1].endswith("request."), pieces
+    assert pieces[2] == "\n\n###\u2581Instruction:\n" and pieces[-1] == "\n\n###\u2581Response:", pieces
     assert all(len(tok(c, add_special_tokens=False)["input_ids"]) == 2 for c in POOL)  # '▁' + the character
 
     # A second run reuses every step (same settings): the trained model is not rewritten.

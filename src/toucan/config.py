@@ -181,8 +181,8 @@ class DemoConfig:
     seed: int = opt(0, "seed for data, model and training")
     train_examples: int = opt(6000, "generated training questions")
     eval_examples: int = opt(200, "held-out generated questions for exact-match accuracy")
-    families: list[str] = opt(["parity", "greater", "count"],
-                              "task families (parity, greater, count, digits, compare, repeat, reverse, add)")
+    families: list[str] = opt(["parity", "div5", "count"],
+                              "task families (parity, div5, count, greater, digits, compare, repeat, reverse, add)")
     max_steps: int = opt(800, "SFT optimizer steps")
     batch_size: int = opt(32, "SFT examples per step")
     learning_rate: float = opt(3e-3, "SFT peak learning rate (tiny random models want a high one)")

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from .errors import ConfigError
 
-GENERATOR_VERSION = 7  # bump when the generated data changes: `toucan demo` then regenerates it
+GENERATOR_VERSION = 9  # bump when the generated data changes: `toucan demo` then regenerates it
 
 # Characters the string tasks draw from: common, distinct, one SentencePiece piece each.
 POOL = "春夏秋冬山水火木金土日月星云风雨花草鸟鱼虫马牛羊猫狗书画琴棋红黄蓝绿"
@@ -51,6 +51,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "{c}",
            lambda r: tuple(r.sample(range(100), 2)),
            lambda p: {"a": p[0], "b": p[1], "c": max(p)}),
+    Family("div5",
+           ("{a}能被5整除吗？", "{a}是5的倍数吗？", "判断：{a}能否被5整除？"),
+           "{c}",
+           # half of them multiples of 5, so "否" alone scores 50 %, not 80 %
+           lambda r: (r.randrange(0, 1000, 5) if r.random() < 0.5 else r.randint(0, 999),),
+           lambda p: {"a": p[0], "c": "是" if p[0] % 5 == 0 else "否"}),
     Family("digits",
            ("{a}是几位数？", "{a}有几位？", "数字{a}一共有几位数字？"),
            "{c}",

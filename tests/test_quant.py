@@ -101,13 +101,15 @@ def test_calibration_uses_the_chat_format(trained, tiny_tok):
 
 
 @pytest.mark.slow
-def test_gptq_and_rtn_reload_generate_and_stay_close(trained, tiny_tok, caplog):
+def test_gptq_and_rtn_reload_generate_and_stay_close(trained, tiny_tok, caplog, tmp_path, monkeypatch):
     from safetensors import safe_open
 
     from toucan.modeling import load_model
     from toucan.ppl import evaluate, load_sequences
 
+    monkeypatch.chdir(tmp_path)  # GPTQModel's per-layer logs must not land in the user's ./logs
     gptq = quantize(trained, "gptq", method="gptq", calib_data=str(trained / "calib.jsonl"))
+    assert not (tmp_path / "logs").exists()
     assert "keeping 6 layer(s) in full precision" in caplog.text and "model.layers.1.mlp.down_proj" in caplog.text
     rtn = quantize(trained, "rtn", method="rtn")
 

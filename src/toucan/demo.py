@@ -114,12 +114,9 @@ def make_base_model(cfg: DemoConfig, tok_dir: Path, out: Path) -> Path:
 
 def exact_match(model_dir: Path, held_file: Path, template: str, batch_size: int = 64) -> dict:
     """Greedy answers to the held-out questions through the shared engine; exact match per family."""
-    import torch
-
     from .engine import Engine
 
-    with torch.enable_grad():  # modeling.load_model switches autograd off process-wide
-        engine = Engine.from_dir(model_dir, device="cpu", template=template)
+    engine = Engine.from_dir(model_dir, device="cpu", template=template)
     recs = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
     opts = greedy(max_new_tokens=12)
     answers = []
@@ -288,10 +285,7 @@ def run_demo(cfg: DemoConfig) -> int:
     sft = Path(tcfg.output_dir)
     if not _trained_with(sft, tcfg):
         _drop_stale_checkpoints(tcfg, _manifest(base)["demo"])
-        # modeling.load_model (engine, eval) turns autograd off process-wide; a second demo in
-        # the same process (tests) would otherwise train with it off
-        with torch.enable_grad():
-            run_train(tcfg)
+        run_train(tcfg)
     else:
         log.info("demo: reusing %s (trained with these settings)", sft)
     losses = [h["loss"] for h in _manifest(sft)["train"]["log_history"] if "loss" in h]

@@ -83,7 +83,6 @@ def load_tokenizer(path: str | os.PathLike):
 
 def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto", **kwargs):
     """A causal LM in eval mode. 4-bit GPTQ directories load through transformers + GPTQModel."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
@@ -95,8 +94,7 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
     else:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=resolve_dtype(dtype, device), **kwargs)
         model.to(device)
-    model.eval()
-    torch.set_grad_enabled(False)
+    model.eval()  # callers that run it wrap their work in torch.inference_mode (engine, ppl)
     return model
 
 

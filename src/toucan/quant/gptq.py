@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,25 @@ def gptqmodel_env() -> None:
     """GPTQModel sizes a CPU worker pool and fails on 2 cores unless told ("Virtual pool
     'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"): set it from the core count."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+
+
+@contextlib.contextmanager
+def _gptqmodel_logs_elsewhere():
+    """GPTQModel 7.6 writes a per-layer log file into ./logs of whatever directory the user runs
+    from (a hard-coded relative path): point it at a temporary directory instead."""
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # another GPTQModel layout: leave it be
+        yield
+        return
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    with tempfile.TemporaryDirectory(prefix="toucan-gptq-logs-") as d:
+        loop_processor._PROJECT_LOG_DIR = Path(d)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                loop_processor._PROJECT_LOG_DIR = saved
 
 
 def layer_problem(in_features: int, out_features: int, bits: int, group_size: int) -> str | None:
@@ -158,7 +178,8 @@ def run_quantize(cfg) -> int:
         # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
         model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device))
         t0 = time.perf_counter()
-        model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
+        with _gptqmodel_logs_elsewhere():
+            model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
         seconds = time.perf_counter() - t0
         log.info("%s %d-bit g%d quantized %d layers in %.1f s", cfg.method, cfg.bits, cfg.group_size,
                  len(todo), seconds)

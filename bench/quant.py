@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from toucan.config import QuantizeConfig  # noqa: E402
-from toucan.data import encode_record, iter_records, record_prompt  # noqa: E402
+from toucan.data import encode_prompt, encode_record, iter_records, record_prompt  # noqa: E402
 from toucan.modeling import load_model, load_tokenizer, save_model_dir, tiny_llama  # noqa: E402
 from toucan.ppl import evaluate, load_sequences  # noqa: E402
+from toucan.prompts import build_prompt  # noqa: E402
 from toucan.quant import run_quantize  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -89,7 +90,8 @@ def dir_mib(d: Path) -> float:
 
 
 def decode_tok_s(model, tok, device: str, new_tokens: int) -> float:
-    x = tok("### Instruction:\n介绍一下北京。\n\n### Response:", return_tensors="pt").to(device)
+    ids = encode_prompt(tok, build_prompt("介绍一下北京。"))
+    x = {"input_ids": torch.tensor([ids], device=device), "attention_mask": torch.ones(1, len(ids), device=device)}
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     model.generate(**x, max_new_tokens=4, do_sample=False)  # warm-up (kernel repacking, caches)
     if device.startswith("cuda"):

@@ -14,6 +14,15 @@ SHARED = Path(os.environ.get("TOUCAN_SHARED", ROOT.parent / "shared"))
 TINY_TOKENIZER = FIXTURES / "tiny_tokenizer"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers and torchrun in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def shared_path(rel: str) -> Path:
     """A file under ../shared; skip the test if missing, fail if TOUCAN_REQUIRE_SHARED=1."""
     p = SHARED / rel

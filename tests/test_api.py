@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from conftest import free_port
 from test_engine import REPLY, save_parrot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -20,12 +20,6 @@ KEY = "sk-toucan-test"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ENDPOINTS = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
              ("GET", "/health"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/no/such/path")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args, port, log_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port
 from toucan import cli
 from toucan.eval.items import CLASSES, load_judge_prompts, read_records
 from toucan.prompts import judge_message
@@ -31,9 +32,7 @@ N = N_PER_CLASS * len(CLASSES)
 
 class JudgeServer:
     def __init__(self, tmp: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(tmp / "server.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(HERE / "eval_judge_server.py"), "--port", str(self.port)],

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 HERE = Path(__file__).resolve()
 
@@ -89,12 +90,6 @@ def zero3_resize_check(cfg) -> dict:
         out["rows"] = [p.shape[0] for p in params]
         out["mean_ok"] = all(torch.allclose(p[old:], p[:old].mean(0).expand(n - old, -1), atol=1e-6) for p in params)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_torchrun(mode: str, model_dir: Path, data: Path, out: Path, info: Path) -> subprocess.CompletedProcess:

@@ -3,11 +3,11 @@ package: no browser download), plus the bind/auth rules."""
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from test_engine import REPLY, train_parrot
 from toucan.config import WebConfig
 from toucan.engine import Engine
@@ -41,9 +41,7 @@ def page_url(tiny_tok):
 
     # greedy through the page's own do_sample checkbox default, as a user would set it
     app = build_app(engine, WebConfig(model="runs/parrot", do_sample=False, repetition_penalty=1.0))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     app.close()

@@ -323,6 +323,12 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt side of the rule: [BOS] + tokens(prompt). What the engine feeds a model is
+    exactly what training put before the response."""
+    return [tokenizer.bos_token_id] + encode_text(tokenizer, prompt)
+
+
 def _assemble(tokenizer, prompt_ids: list[int], response_ids: list[int], max_len: int) -> Encoded | None:
     p = [tokenizer.bos_token_id] + prompt_ids
     r = response_ids + [tokenizer.eos_token_id]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from .config import GenerationOptions
-from .data import encode_text
+from .data import encode_prompt
 from .errors import ConfigError
 from .prompts import DEFAULT_TEMPLATE, Template, Turn, build_prompt, get_template, messages_to_turns
 
@@ -221,7 +221,7 @@ class Engine:
 
     def encode(self, prompt: str) -> list[int]:
         """The rule in toucan.data: [BOS] + tokens(prompt)."""
-        return [self.tokenizer.bos_token_id] + encode_text(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.encode(prompt))

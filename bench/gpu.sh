@@ -40,5 +40,5 @@ step train 240 $PY bench/train.py --device cuda
 # 2. Generation engine vs plain model.generate, and the API under load, on the GPU.
 step serve 150 $PY bench/serve.py --device cuda --hidden_size 1024 --layers 8 --requests 100 --skip_queue
 # 3. GPTQ 4-bit g128 vs RTN on the GPU (GPTQModel's CUDA kernels), KL and ppl.
-step quant 150 $PY bench/quant.py --device cuda --layers 4 --train-steps 200
+step quant 150 $PY bench/quant.py --device cuda --layers 4
 echo "logs in $OUT"

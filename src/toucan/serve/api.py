@@ -177,22 +177,115 @@ class Batcher:
                 j.put(r)
 
 
+# -- responses ------------------------------------------------------------------------------------
+
+def _error_response(status, message, type="invalid_request_error", code=None, param=None):
+    from fastapi.responses import JSONResponse
+    return JSONResponse(error_body(message, type, code, param), status_code=status)
+
+
+def _usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def _chunk_choice(kind: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+    """One streamed choice: chat sends deltas (the first names the role), completions send text."""
+    if kind == "chat":
+        delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+async def _respond(batcher: Batcher, model_id: str, ids: list[int], opts: GenerationOptions, kind: str,
+                   stream: bool, include_usage: bool):
+    """Queue one request on the batcher and answer it: a JSON body, or SSE chunks as tokens come."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    job = Job(asyncio.get_running_loop(), ids, opts)
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    batcher.submit(job)
+    if not stream:
+        try:
+            while not isinstance(item := await job.out.get(), (Completion, Exception)):
+                pass
+        finally:
+            job.cancel.set()  # no-op when done; stops the row if this request was cancelled
+        if isinstance(item, Exception):
+            raise item
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": item.text}}
+        else:
+            choice = {"index": 0, "text": item.text}
+        choice.update(logprobs=None, finish_reason=item.finish_reason)
+        return JSONResponse({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                             "created": created, "model": model_id, "usage": _usage(item), "choices": [choice]})
+
+    chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def sse(choices: list, **extra) -> str:
+        body = {"id": rid, "object": chunk_obj, "created": created, "model": model_id, "choices": choices, **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def events():
+        try:
+            if kind == "chat":
+                yield sse([_chunk_choice(kind, "", None, first=True)])
+            while True:
+                item = await job.out.get()
+                if isinstance(item, str):
+                    yield sse([_chunk_choice(kind, item, None)])
+                elif isinstance(item, Completion):
+                    yield sse([_chunk_choice(kind, None if kind == "chat" else "", item.finish_reason)])
+                    if include_usage:
+                        yield sse([], usage=_usage(item))
+                    break
+                else:
+                    yield f"data: {json.dumps(error_body('internal error', 'server_error'))}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel.set()  # the client went away (or we are done): stop this row
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _options(req: _Common, model_id: str, cfg: ServeConfig) -> GenerationOptions:
+    if req.model != model_id:
+        raise APIError(404, f"The model '{req.model}' does not exist (this server has '{model_id}').",
+                       code="model_not_found", param="model")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4:
+        raise APIError(400, "stop: at most 4 sequences", param="stop")
+    return GenerationOptions(
+        max_new_tokens=req.max_completion_tokens or req.max_tokens or cfg.max_tokens,
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, do_sample=req.temperature > 0,
+        repetition_penalty=req.repetition_penalty or cfg.repetition_penalty, num_beams=1,
+        seed=req.seed, stop=stop, min_new_tokens=req.min_tokens)
+
+
+def _encode(engine: Engine, prompt: str) -> list[int]:
+    ids = engine.encode(prompt)
+    if len(ids) >= engine.max_context:
+        raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, "
+                            f"your prompt is {len(ids)} tokens.", code="context_length_exceeded",
+                       param="messages")
+    return ids
+
+
+def _include_usage(req: _Common) -> bool:
+    return bool((req.stream_options or {}).get("include_usage"))
+
+
 # -- the app --------------------------------------------------------------------------------------
 
-def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
-    from fastapi import FastAPI, Request
+def _install_guards(app, keys: list[bytes]) -> None:
+    """The API-key check on every path, and OpenAI-shaped bodies for every error."""
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    model_id = cfg.model_name or os.path.basename(os.path.normpath(cfg.model))
-    keys = [k.encode() for k in api_keys if k]
-    batcher = Batcher(engine, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
-    app = FastAPI(title="toucan serve", version="1")
-    app.state.batcher = batcher
-
-    def err(status, message, type="invalid_request_error", code=None, param=None):
-        return JSONResponse(error_body(message, type, code, param), status_code=status)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -202,7 +295,7 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
             # compare_digest against every key: the time taken says nothing about which was close
             if not any([hmac.compare_digest(given, k) for k in keys]):
                 what = "Incorrect API key provided." if given else "Missing API key (Authorization: Bearer KEY)."
-                return err(401, what, code="invalid_api_key")
+                return _error_response(401, what, code="invalid_api_key")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -210,22 +303,32 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
         errs = exc.errors()
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
-            return err(400, f"We could not parse the JSON body of your request ({first.get('msg', '')}).")
+            return _error_response(400, f"We could not parse the JSON body of your request ({first.get('msg', '')}).")
         loc = ".".join(str(x) for x in first.get("loc", ())[1:])
-        return err(400, f"{loc}: {first.get('msg', 'invalid value')}", param=loc or None)
+        return _error_response(400, f"{loc}: {first.get('msg', 'invalid value')}", param=loc or None)
 
     @app.exception_handler(APIError)
     async def on_api_error(request, exc: APIError):
-        return err(exc.status, exc.message, exc.type, exc.code, exc.param)
+        return _error_response(exc.status, exc.message, exc.type, exc.code, exc.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request, exc):
-        return err(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return _error_response(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
 
     @app.exception_handler(Exception)
     async def on_bug(request, exc):
         log.exception("internal error")
-        return err(500, f"internal error: {type(exc).__name__}", type="server_error")
+        return _error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
+    from fastapi import FastAPI
+
+    model_id = cfg.model_name or os.path.basename(os.path.normpath(cfg.model))
+    batcher = Batcher(engine, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
+    app = FastAPI(title="toucan serve", version="1")
+    app.state.batcher = batcher
+    _install_guards(app, [k.encode() for k in api_keys if k])
 
     @app.get("/v1/models")
     async def models():
@@ -236,111 +339,26 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
         return {"status": "ok", "model": model_id, "queued": batcher.q.qsize() + len(batcher.pending),
                 **batcher.stats}
 
-    def options(req: _Common) -> GenerationOptions:
-        if req.model != model_id:
-            raise APIError(404, f"The model '{req.model}' does not exist (this server has '{model_id}').",
-                           code="model_not_found", param="model")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, "stop: at most 4 sequences", param="stop")
-        return GenerationOptions(
-            max_new_tokens=req.max_completion_tokens or req.max_tokens or cfg.max_tokens,
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, do_sample=req.temperature > 0,
-            repetition_penalty=req.repetition_penalty or cfg.repetition_penalty, num_beams=1,
-            seed=req.seed, stop=stop, min_new_tokens=req.min_tokens)
-
-    def encode(prompt: str) -> list[int]:
-        ids = engine.encode(prompt)
-        if len(ids) >= engine.max_context:
-            raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, "
-                                f"your prompt is {len(ids)} tokens.", code="context_length_exceeded",
-                           param="messages")
-        return ids
-
-    async def run(ids, opts, kind: str, stream: bool, include_usage: bool):
-        job = Job(asyncio.get_running_loop(), ids, opts)
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-
-        def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
-            if kind == "chat":
-                delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-        def usage(c: Completion) -> dict:
-            return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                    "total_tokens": c.prompt_tokens + c.completion_tokens}
-
-        batcher.submit(job)
-        if not stream:
-            try:
-                while not isinstance(item := await job.out.get(), (Completion, Exception)):
-                    pass
-            finally:
-                job.cancel.set()  # no-op when done; stops the row if this request was cancelled
-            if isinstance(item, Exception):
-                raise item
-            body = {"id": rid, "object": obj, "created": created, "model": model_id, "usage": usage(item)}
-            if kind == "chat":
-                body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": item.text},
-                                    "logprobs": None, "finish_reason": item.finish_reason}]
-            else:
-                body["choices"] = [{"index": 0, "text": item.text, "logprobs": None,
-                                    "finish_reason": item.finish_reason}]
-            return JSONResponse(body)
-
-        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def sse(choices: list, **extra) -> str:
-            body = {"id": rid, "object": chunk_obj, "created": created, "model": model_id, "choices": choices, **extra}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def events():
-            try:
-                if kind == "chat":
-                    yield sse([choice("", None, first=True)])
-                while True:
-                    item = await job.out.get()
-                    if isinstance(item, str):
-                        yield sse([choice(item, None)])
-                    elif isinstance(item, Completion):
-                        yield sse([choice(None if kind == "chat" else "", item.finish_reason)])
-                        if include_usage:
-                            yield sse([], usage=usage(item))
-                        break
-                    else:
-                        yield f"data: {json.dumps(error_body('internal error', 'server_error'))}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel.set()  # the client went away (or we are done): stop this row
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    def usage_flag(req: _Common) -> bool:
-        return bool((req.stream_options or {}).get("include_usage"))
-
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        opts = options(req)
+        opts = _options(req, model_id, cfg)
         try:
             prompt = request_prompt(engine, req, opts.max_new_tokens)
         except ConfigError as e:
             raise APIError(400, str(e), param="messages") from None
-        return await run(encode(prompt), opts, "chat", req.stream, usage_flag(req))
+        return await _respond(batcher, model_id, _encode(engine, prompt), opts, "chat", req.stream,
+                              _include_usage(req))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        opts = options(req)
+        opts = _options(req, model_id, cfg)
         prompt = req.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise APIError(400, "prompt: give one string (batches of prompts are not supported)", param="prompt")
             prompt = prompt[0]
-        return await run(encode(prompt), opts, "completion", req.stream, usage_flag(req))
+        return await _respond(batcher, model_id, _encode(engine, prompt), opts, "completion", req.stream,
+                              _include_usage(req))
 
     return app
 

@@ -71,7 +71,8 @@ def run_recipe(args) -> dict:
 
     from toucan.config import TrainConfig
     from toucan.modeling import tiny_llama
-    from toucan.train import PackedCollator, SFTCollator, pack_examples, response_loss, training_arguments
+    from toucan.collate import PackedCollator, SFTCollator, pack_examples, response_loss
+    from toucan.train import training_arguments
 
     torch.set_num_threads(args.threads)
     tok, examples, rep = load_examples(args.max_len)
@@ -155,7 +156,7 @@ def gpu_main(args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from toucan.train import PackedCollator, pack_examples, response_loss
+    from toucan.collate import PackedCollator, pack_examples, response_loss
 
     assert torch.cuda.is_available(), "--device cuda needs a GPU"
     seq = args.gpu_seq

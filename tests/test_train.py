@@ -40,7 +40,7 @@ def tcfg(model_dir, data, out, **kw) -> TrainConfig:
 
 def test_collator_keeps_eos_label_when_pad_is_eos(tiny_tok):
     """pad == eos must not mask the EOS out of the loss (the classic LLaMA SFT bug)."""
-    from toucan.train import SFTCollator
+    from toucan.collate import SFTCollator
 
     eos = tiny_tok.eos_token_id
     a = encode_example(tiny_tok, "你好", "世界", 64)

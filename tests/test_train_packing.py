@@ -19,7 +19,7 @@ def examples(tok, n=12):
 
 
 def test_pack_examples_rows_and_positions(tiny_tok):
-    from toucan.train import pack_examples
+    from toucan.collate import pack_examples
 
     exs = examples(tiny_tok)
     rows = pack_examples(exs, 96)
@@ -40,7 +40,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_tok, attn):
     import torch
 
     from toucan.modeling import tiny_llama
-    from toucan.train import PackedCollator, SFTCollator, pack_examples
+    from toucan.collate import PackedCollator, SFTCollator, pack_examples
 
     model = tiny_llama(len(tiny_tok), tokenizer=tiny_tok, seed=5, attn_implementation=attn).eval()
     exs = examples(tiny_tok)
@@ -80,7 +80,7 @@ def test_one_row_response_only_loss_equals_model_loss(tiny_tok):
     import torch
 
     from toucan.modeling import tiny_llama
-    from toucan.train import PackedCollator, pack_examples, response_loss
+    from toucan.collate import PackedCollator, pack_examples, response_loss
 
     model = tiny_llama(len(tiny_tok), tokenizer=tiny_tok, seed=6).eval()
     rows = pack_examples(examples(tiny_tok), 96)

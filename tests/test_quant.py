@@ -188,3 +188,61 @@ def test_bad_input_gets_typed_errors(trained, tmp_path, capsys):
     with pytest.raises(QuantError, match="bits=5"):
         run_quantize(QuantizeConfig(model=str(trained / "fp32"), output=str(tmp_path / "q"), bits=5))
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_gptq_resumes_after_kill(tmp_path, tiny_tok):
+    """SIGKILL after the first layer is committed; a rerun with other settings is refused with a
+    clear error, the same command resumes, and the result equals an uninterrupted run bit for bit."""
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from toucan.modeling import save_model_dir, tiny_llama
+    from toucan.quant.gptq import checkpoint_dir
+
+    # every width a multiple of 32 and 16: all layers quantize, so the run can checkpoint
+    model = tiny_llama(len(tiny_tok), seed=1, tokenizer=tiny_tok, num_hidden_layers=6, intermediate_size=128)
+    save_model_dir(tmp_path / "fp32", model.eval(), tiny_tok, command="test")
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records(64, 1)))
+
+    def args(out, *more):
+        return [sys.executable, "-m", "toucan.cli", "quantize", "--model", str(tmp_path / "fp32"), "--output",
+                str(out), "--group-size", "32", "--calib-data", str(tmp_path / "calib.jsonl"),
+                "--calib-samples", "32", "--calib-max-len", "64", *more]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(args(tmp_path / "ref"), capture_output=True, text=True, timeout=600, env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert not checkpoint_dir(tmp_path / "ref").exists()  # removed once the output is complete
+
+    out = tmp_path / "q"
+    current = checkpoint_dir(out) / "CURRENT"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(args(out), stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + 600
+        while not current.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "finished (or died) before a layer was committed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+
+    other = subprocess.run(args(out, "--damp-percent", "0.1"), capture_output=True, text=True, timeout=600, env=env)
+    assert other.returncode == 2 and "other settings or inputs" in other.stderr, other.stderr[-3000:]
+
+    again = subprocess.run(args(out), capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from the layers finished before" in again.stderr
+    assert not checkpoint_dir(out).exists()
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch_equal(a[k], b[k]) for k in a), [k for k in a if not torch_equal(a[k], b[k])]
+    assert verify_manifest(out) == []
+
+
+def torch_equal(x, y) -> bool:
+    return x.dtype == y.dtype and x.shape == y.shape and bool((x == y).all())

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -114,6 +115,47 @@ def block_modules(quantized: list[str], skipped: list[str]) -> list[list[str]]:
     return [sorted(quantized)]
 
 
+def checkpoint_dir(output: str | Path) -> Path:
+    """Where an interrupted GPTQ run keeps its finished layers: a sibling of the output (as
+    train's OUT-checkpoints/), so the atomic write of OUT never touches it. Removed on success."""
+    out = Path(output)
+    return out.with_name(out.name + "-quant-checkpoint")
+
+
+def resume_blocker(src: Path, skipped: dict[str, str]) -> str | None:
+    """Why a GPTQ run of this model cannot checkpoint its layers, or None when it can.
+    These are GPTQModel 7.6's limits for `CheckpointConfig`, checked here so that a run which
+    cannot resume says so up front instead of failing inside GPTQModel."""
+    import threading
+
+    if skipped:
+        return "some layers stay in full precision, and GPTQModel's checkpoints do not support its per-layer exclusions"
+    model_type = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type != "llama":
+        return f"model_type {model_type!r}: GPTQModel checkpoints support llama"
+    if threading.current_thread() is not threading.main_thread():
+        return "not on the main thread (GPTQModel's checkpoints take over SIGINT/SIGTERM)"
+    return None
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(ckpt: Path):
+    """GPTQModel's checkpoint errors as toucan's: a stop on request (Ctrl-C, SIGTERM; GPTQModel
+    commits the current layer first) and a checkpoint left by a run with other settings or inputs."""
+    try:
+        yield
+    except Exception as e:
+        from gptqmodel.looper.checkpoint import CheckpointStopped
+        from gptqmodel.looper.checkpoint_store import CheckpointError
+
+        if isinstance(e, CheckpointStopped):
+            raise QuantError(f"stopped ({e}); run the same command again to resume from {ckpt}") from None
+        if isinstance(e, CheckpointError):
+            raise QuantError(f"{ckpt}: {e}. It was made by a run with other settings or inputs: rerun with "
+                             f"those, or delete it to start over") from None
+        raise
+
+
 def validate(cfg) -> None:
     if cfg.method not in ("gptq", "rtn"):
         raise QuantError(f"method {cfg.method!r}: use gptq or rtn")
@@ -152,6 +194,14 @@ def run_quantize(cfg) -> int:
         log.warning("keeping %d layer(s) in full precision (odd widths): %s", len(skipped),
                     ", ".join(f"{k} ({v})" for k, v in skipped.items()))
 
+    # GPTQ (minutes to hours on a big model) commits each finished decoder layer, so a rerun of
+    # the same command after a crash, kill or Ctrl-C resumes at the next layer. RTN needs no
+    # calibration pass and takes seconds: it just runs again.
+    ckpt = checkpoint_dir(cfg.output)
+    blocker = resume_blocker(src, skipped) if cfg.method == "gptq" else "rtn"
+    if cfg.method == "gptq" and blocker:
+        log.info("this run cannot resume after an interruption: %s", blocker)
+
     calib = None
     if cfg.method == "gptq":
         seqs = calibration_samples(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_max_len,
@@ -168,8 +218,9 @@ def run_quantize(cfg) -> int:
         device = resolve_device(cfg.device)
         # "-:" marks a layer GPTQModel must leave alone; exact ^name$ patterns are its fast path.
         dynamic = {f"-:^{re.escape(name)}$": {} for name in skipped} or None
+        # offload_to_disk: GPTQModel's checkpoints require it (the finished layers live on disk)
         common = dict(bits=cfg.bits, group_size=cfg.group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
-                      offload_to_disk=False)
+                      offload_to_disk=blocker is None)
         if cfg.method == "gptq":
             qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common)
         else:
@@ -177,9 +228,18 @@ def run_quantize(cfg) -> int:
         # fp32 on CPU: quantization statistics and the layers kept in full precision stay exact
         # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
         model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device))
+        resume = {}
+        if blocker is None:
+            from gptqmodel.looper.checkpoint_store import CheckpointConfig
+
+            if (ckpt / "CURRENT").is_file():
+                log.info("resuming from the layers finished before, in %s", ckpt)
+            else:
+                log.info("finished layers are kept in %s: if this run stops, the same command resumes", ckpt)
+            resume["checkpoint"] = CheckpointConfig(path=str(ckpt))
         t0 = time.perf_counter()
-        with _gptqmodel_logs_elsewhere():
-            model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
+        with _gptqmodel_logs_elsewhere(), _checkpoint_errors(ckpt):
+            model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO, **resume)
         seconds = time.perf_counter() - t0
         log.info("%s %d-bit g%d quantized %d layers in %.1f s", cfg.method, cfg.bits, cfg.group_size,
                  len(todo), seconds)
@@ -201,6 +261,7 @@ def run_quantize(cfg) -> int:
                                                            "tokens": sum(len(c["input_ids"]) for c in calib)},
                 "seconds": round(seconds, 2),
             }})
+    shutil.rmtree(ckpt, ignore_errors=True)  # the output is complete: nothing left to resume
     size = sum(f.stat().st_size for f in Path(cfg.output).iterdir() if f.suffix == ".safetensors")
     print(f"{cfg.output}: {cfg.method} {cfg.bits}-bit group {cfg.group_size}, {len(todo)} layers quantized, "
           f"{len(skipped)} kept in full precision, weights {size / 2**20:.2f} MiB, {seconds:.1f} s")

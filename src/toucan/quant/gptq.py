@@ -148,6 +148,8 @@ def _checkpoint_errors(ckpt: Path):
         from gptqmodel.looper.checkpoint import CheckpointStopped
         from gptqmodel.looper.checkpoint_store import CheckpointError
 
+        if isinstance(e, CheckpointError):
+            sys.stderr.write("\n")  # GPTQModel's progress bar leaves the line open
         if isinstance(e, CheckpointStopped):
             raise QuantError(f"stopped ({e}); run the same command again to resume from {ckpt}") from None
         if isinstance(e, CheckpointError):

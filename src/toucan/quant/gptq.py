@@ -148,14 +148,13 @@ def _checkpoint_errors(ckpt: Path):
         from gptqmodel.looper.checkpoint import CheckpointStopped
         from gptqmodel.looper.checkpoint_store import CheckpointError
 
-        if isinstance(e, CheckpointError):
-            sys.stderr.write("\n")  # GPTQModel's progress bar leaves the line open
+        if not isinstance(e, CheckpointError):
+            raise
+        sys.stderr.write("\n")  # GPTQModel's progress bar leaves the line open
         if isinstance(e, CheckpointStopped):
             raise QuantError(f"stopped ({e}); run the same command again to resume from {ckpt}") from None
-        if isinstance(e, CheckpointError):
-            raise QuantError(f"{ckpt}: {e}. It was made by a run with other settings or inputs: rerun with "
-                             f"those, or delete it to start over") from None
-        raise
+        raise QuantError(f"{ckpt}: {e}. It was made by a run with other settings or inputs: rerun with "
+                         f"those, or delete it to start over") from None
 
 
 def validate(cfg) -> None:
@@ -200,8 +199,9 @@ def run_quantize(cfg) -> int:
     # the same command after a crash, kill or Ctrl-C resumes at the next layer. RTN needs no
     # calibration pass and takes seconds: it just runs again.
     ckpt = checkpoint_dir(cfg.output)
-    blocker = resume_blocker(src, skipped) if cfg.method == "gptq" else "rtn"
-    if cfg.method == "gptq" and blocker:
+    blocker = resume_blocker(src, skipped) if cfg.method == "gptq" else None
+    resumable = cfg.method == "gptq" and blocker is None
+    if blocker:
         log.info("this run cannot resume after an interruption: %s", blocker)
 
     calib = None
@@ -222,7 +222,7 @@ def run_quantize(cfg) -> int:
         dynamic = {f"-:^{re.escape(name)}$": {} for name in skipped} or None
         # offload_to_disk: GPTQModel's checkpoints require it (the finished layers live on disk)
         common = dict(bits=cfg.bits, group_size=cfg.group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
-                      offload_to_disk=blocker is None)
+                      offload_to_disk=resumable)
         if cfg.method == "gptq":
             qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common)
         else:
@@ -231,7 +231,7 @@ def run_quantize(cfg) -> int:
         # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
         model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device))
         resume = {}
-        if blocker is None:
+        if resumable:
             from gptqmodel.looper.checkpoint_store import CheckpointConfig
 
             if (ckpt / "CURRENT").is_file():

@@ -176,17 +176,14 @@ def validate(cfg) -> None:
         raise QuantError(f"damp_percent={cfg.damp_percent}: must be between 0 and 1")
 
 
-def run_quantize(cfg) -> int:
-    """Quantize cfg.model into cfg.output (atomically). Returns 0; raises QuantError/ModelError."""
+def _plan(cfg):
+    """(source dir, tokenizer, layers to quantize, {layer: why kept in full precision}), or a QuantError."""
     validate(cfg)
     src = check_model_dir(cfg.model)
     if is_quantized(src):
         raise QuantError(f"{cfg.model} is already quantized (config.json has quantization_config)")
-    sym = cfg.sym and not cfg.asym
-    desc_act = cfg.desc_act and cfg.method == "gptq"
     if cfg.desc_act and cfg.method == "rtn":
         log.warning("--desc-act only applies to gptq; ignored for rtn")
-    tokenizer = load_tokenizer(src)
     todo, skipped = plan_layers(src, cfg.bits, cfg.group_size)
     if not todo:
         raise QuantError(f"{cfg.model}: no layer can be quantized with bits={cfg.bits}, "
@@ -194,7 +191,34 @@ def run_quantize(cfg) -> int:
     if skipped:
         log.warning("keeping %d layer(s) in full precision (odd widths): %s", len(skipped),
                     ", ".join(f"{k} ({v})" for k, v in skipped.items()))
+    return src, load_tokenizer(src), todo, skipped
 
+
+def _calibration(cfg, tokenizer) -> list[dict] | None:
+    if cfg.method != "gptq":
+        return None
+    seqs = calibration_samples(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_max_len,
+                               cfg.template, cfg.seed)
+    log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), cfg.calib_data)
+    return [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
+
+
+def _checkpointing(ckpt: Path) -> dict:
+    """model.quantize's `checkpoint` argument; says whether this run starts or resumes."""
+    from gptqmodel.looper.checkpoint_store import CheckpointConfig
+
+    if (ckpt / "CURRENT").is_file():
+        log.info("resuming from the layers finished before, in %s", ckpt)
+    else:
+        log.info("finished layers are kept in %s: if this run stops, the same command resumes", ckpt)
+    return {"checkpoint": CheckpointConfig(path=str(ckpt))}
+
+
+def run_quantize(cfg) -> int:
+    """Quantize cfg.model into cfg.output (atomically). Returns 0; raises QuantError/ModelError."""
+    src, tokenizer, todo, skipped = _plan(cfg)
+    sym = cfg.sym and not cfg.asym
+    desc_act = cfg.desc_act and cfg.method == "gptq"
     # GPTQ (minutes to hours on a big model) commits each finished decoder layer, so a rerun of
     # the same command after a crash, kill or Ctrl-C resumes at the next layer. RTN needs no
     # calibration pass and takes seconds: it just runs again.
@@ -203,13 +227,7 @@ def run_quantize(cfg) -> int:
     resumable = cfg.method == "gptq" and blocker is None
     if blocker:
         log.info("this run cannot resume after an interruption: %s", blocker)
-
-    calib = None
-    if cfg.method == "gptq":
-        seqs = calibration_samples(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_max_len,
-                                   cfg.template, cfg.seed)
-        calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
-        log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), cfg.calib_data)
+    calib = _calibration(cfg, tokenizer)
 
     # GPTQModel logs its progress tables on stdout: send them to stderr with the other logs.
     with contextlib.redirect_stdout(sys.stderr):
@@ -230,15 +248,7 @@ def run_quantize(cfg) -> int:
         # fp32 on CPU: quantization statistics and the layers kept in full precision stay exact
         # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
         model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device))
-        resume = {}
-        if resumable:
-            from gptqmodel.looper.checkpoint_store import CheckpointConfig
-
-            if (ckpt / "CURRENT").is_file():
-                log.info("resuming from the layers finished before, in %s", ckpt)
-            else:
-                log.info("finished layers are kept in %s: if this run stops, the same command resumes", ckpt)
-            resume["checkpoint"] = CheckpointConfig(path=str(ckpt))
+        resume = _checkpointing(ckpt) if resumable else {}
         t0 = time.perf_counter()
         with _gptqmodel_logs_elsewhere(), _checkpoint_errors(ckpt):
             model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO, **resume)

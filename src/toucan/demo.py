@@ -12,6 +12,7 @@ are reused, so a rerun after an interruption continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -255,30 +256,18 @@ def auto_threads() -> int:
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
-def run_demo(cfg: DemoConfig) -> int:
-    import torch
-
-    t0 = time.time()
-    torch.set_num_threads(cfg.threads or auto_threads())
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
-
-    def lap(name: str, t: float) -> None:
-        times[name] = round(time.time() - t, 1)
-        log.info("demo: %s done in %.1f s", name, times[name])
-
+@contextlib.contextmanager
+def _lap(times: dict[str, float], name: str):
+    """Time one step of the demo into `times` (summary.json's "seconds") and log it."""
     t = time.time()
-    train_file, held_file = make_data(cfg, out)
-    tok_dir = make_tokenizer(cfg, train_file, out)
-    base = make_base_model(cfg, tok_dir, out)
-    lap("data+tokenizer+model", t)
+    yield
+    times[name] = round(time.time() - t, 1)
+    log.info("demo: %s done in %.1f s", name, times[name])
 
-    t = time.time()
-    before = exact_match(base, held_file, cfg.template)
-    lap("eval before", t)
 
-    t = time.time()
+def _sft(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> tuple[Path, list[float]]:
+    """`toucan train` on the generated data, or the model trained before with the same settings;
+    returns its directory and training losses."""
     from .train import run_train
 
     tcfg = train_config(cfg, base, train_file, out)
@@ -288,41 +277,56 @@ def run_demo(cfg: DemoConfig) -> int:
         run_train(tcfg)
     else:
         log.info("demo: reusing %s (trained with these settings)", sft)
-    losses = [h["loss"] for h in _manifest(sft)["train"]["log_history"] if "loss" in h]
-    lap("train", t)
+    return sft, [h["loss"] for h in _manifest(sft)["train"]["log_history"] if "loss" in h]
 
-    t = time.time()
-    after = exact_match(sft, held_file, cfg.template)
-    lap("eval after", t)
 
+def _full_recipe(cfg: DemoConfig, base: Path, sft: Path, train_file: Path, held_file: Path, out: Path,
+                 fp32_accuracy: float, times: dict[str, float]) -> tuple[dict, Path]:
+    """Delta round trip, 4-bit GPTQ and its accuracy, eval report: (summary's "recipe", the
+    restored model the chat then uses)."""
     recipe: dict = {}
-    final = sft
-    if cfg.full_recipe:
-        t = time.time()
+    with _lap(times, "delta round trip"):
         restored = delta_round_trip(base, sft, out)
         recipe["delta"] = {"delta": str(out / "delta"), "restored": str(restored), "bit_exact": all(
             sha256_file(f) == sha256_file(restored / f.name) for f in sft.glob("*.safetensors"))}
-        lap("delta round trip", t)
-        t = time.time()
+    with _lap(times, "gptq 4-bit"):
         q4 = quantize_4bit(cfg, restored, train_file, out)
-        lap("gptq 4-bit", t)
-        t = time.time()
+    with _lap(times, "eval 4-bit"):
         acc4 = exact_match(q4, held_file, cfg.template)
         recipe["gptq_4bit"] = {"dir": str(q4), "group_size": cfg.quant_group_size,
                                "accuracy": acc4["accuracy"], "per_family": acc4["per_family"],
-                               "kept_vs_fp32": round(acc4["accuracy"] / after["accuracy"], 4)
-                               if after["accuracy"] else None}
-        lap("eval 4-bit", t)
-        t = time.time()
+                               "kept_vs_fp32": round(acc4["accuracy"] / fp32_accuracy, 4) if fp32_accuracy else None}
+    with _lap(times, "eval generate+judge+report"):
         report = evaluate(cfg, {"fp32": restored, "4bit": q4}, held_file, out)
         recipe["report"] = {"dir": str(report), "table": str(report / "table.md"), "chart": str(report / "chart.png")}
-        lap("eval generate+judge+report", t)
-        final = restored
+    return recipe, restored
 
-    t = time.time()
-    held = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
-    transcript = chat_transcript(final, cfg.template, [r["instruction"] for r in held[:3]])
-    lap("chat", t)
+
+def run_demo(cfg: DemoConfig) -> int:
+    import torch
+
+    t0 = time.time()
+    torch.set_num_threads(cfg.threads or auto_threads())
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+
+    with _lap(times, "data+tokenizer+model"):
+        train_file, held_file = make_data(cfg, out)
+        tok_dir = make_tokenizer(cfg, train_file, out)
+        base = make_base_model(cfg, tok_dir, out)
+    with _lap(times, "eval before"):
+        before = exact_match(base, held_file, cfg.template)
+    with _lap(times, "train"):
+        sft, losses = _sft(cfg, base, train_file, out)
+    with _lap(times, "eval after"):
+        after = exact_match(sft, held_file, cfg.template)
+    recipe, final = {}, sft
+    if cfg.full_recipe:
+        recipe, final = _full_recipe(cfg, base, sft, train_file, held_file, out, after["accuracy"], times)
+    with _lap(times, "chat"):
+        held = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
+        transcript = chat_transcript(final, cfg.template, [r["instruction"] for r in held[:3]])
 
     from .modeling import load_tokenizer
 

@@ -81,17 +81,44 @@ def web_prompt(engine: Engine, messages: list[dict], question: str, max_new_toke
     return engine.chat_prompt(history_pairs(messages), question, max_new_tokens)[0]
 
 
+def _add_user(message: str, chat: list):
+    """Enter/Send: the question joins the conversation and the box empties (a blank one does nothing)."""
+    import gradio as gr
+
+    if not message.strip():
+        return gr.update(), chat
+    return "", chat + [{"role": "user", "content": message}]
+
+
+def _drop_last_answer(chat: list) -> list:
+    """Regenerate: the conversation up to the last question, which is then answered again."""
+    while chat and chat[-1]["role"] == "assistant":
+        chat = chat[:-1]
+    return chat
+
+
+def _settings_panel(gr, engine: Engine, cfg: WebConfig) -> list:
+    """The generation sliders (the original demo's, defaults from cfg), in the order respond takes them."""
+    with gr.Accordion("生成参数 Generation settings", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top P")
+            top_k = gr.Slider(0, 100, value=cfg.top_k, step=1, label="Top K")
+        with gr.Row():
+            beams = gr.Slider(1, 4, value=cfg.num_beams, step=1, label="Beams (>1: beam search, no streaming)")
+            rep = gr.Slider(1, 2, value=cfg.repetition_penalty, step=0.05, label="Repetition penalty")
+            max_tokens = gr.Slider(1, engine.max_context - 1, value=min(cfg.max_new_tokens, engine.max_context - 1),
+                                   step=1, label="Max tokens")
+            do_sample = gr.Checkbox(value=cfg.do_sample, label="do_sample (off = greedy)")
+    return [temperature, top_p, top_k, beams, rep, max_tokens, do_sample]
+
+
 def build_app(engine: Engine, cfg: WebConfig):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home
     import gradio as gr
 
     active: dict[str, Stream] = {}  # browser session -> its running generation (for Stop)
     lock = threading.Lock()
-
-    def add_user(message: str, chat: list):
-        if not message.strip():
-            return gr.update(), chat
-        return "", chat + [{"role": "user", "content": message}]
 
     def respond(chat: list, temperature, top_p, top_k, beams, rep, max_tokens, do_sample,
                 request: gr.Request):
@@ -126,11 +153,6 @@ def build_app(engine: Engine, cfg: WebConfig):
         if s is not None:
             s.cancel()
 
-    def regenerate(chat: list):
-        while chat and chat[-1]["role"] == "assistant":
-            chat = chat[:-1]
-        return chat
-
     with gr.Blocks(title="Toucan") as app:
         gr.Markdown(f"## Toucan 中文对话\n`{os.path.basename(os.path.normpath(cfg.model))}`")
         chat = gr.Chatbot(label="Toucan", height=460, elem_id="chat",
@@ -143,24 +165,13 @@ def build_app(engine: Engine, cfg: WebConfig):
             stop_btn = gr.Button("停止 Stop", elem_id="stop")
             regen = gr.Button("重新生成 Regenerate", elem_id="regen")
             clear = gr.Button("清空 Clear History", elem_id="clear")
-        with gr.Accordion("生成参数 Generation settings", open=False):
-            with gr.Row():
-                temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05, label="Temperature")
-                top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top P")
-                top_k = gr.Slider(0, 100, value=cfg.top_k, step=1, label="Top K")
-            with gr.Row():
-                beams = gr.Slider(1, 4, value=cfg.num_beams, step=1, label="Beams (>1: beam search, no streaming)")
-                rep = gr.Slider(1, 2, value=cfg.repetition_penalty, step=0.05, label="Repetition penalty")
-                max_tokens = gr.Slider(1, engine.max_context - 1, value=min(cfg.max_new_tokens, engine.max_context - 1),
-                                       step=1, label="Max tokens")
-                do_sample = gr.Checkbox(value=cfg.do_sample, label="do_sample (off = greedy)")
-        knobs = [temperature, top_p, top_k, beams, rep, max_tokens, do_sample]
+        knobs = _settings_panel(gr, engine, cfg)
 
         runs = []
         for trigger in (box.submit, send.click):
-            ev = trigger(add_user, [box, chat], [box, chat], queue=False)
+            ev = trigger(_add_user, [box, chat], [box, chat], queue=False)
             runs.append(ev.then(respond, [chat, *knobs], chat))
-        runs.append(regen.click(regenerate, chat, chat, queue=False).then(respond, [chat, *knobs], chat))
+        runs.append(regen.click(_drop_last_answer, chat, chat, queue=False).then(respond, [chat, *knobs], chat))
         stop_btn.click(stop, None, None, cancels=runs, queue=False)
         clear.click(stop, None, None, cancels=runs, queue=False).then(lambda: [], None, chat, queue=False)
     app.queue(default_concurrency_limit=cfg.concurrency)

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[deepspeed,test]'
+	$(PIP) install -e '.[deepspeed,edge,test]'
 	# GPTQModel builds against the torch already installed, so no build isolation
 	# (an isolated build env would fetch the newest torch, a multi-GB CUDA wheel).
 	$(PIP) install -q setuptools wheel

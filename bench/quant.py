@@ -162,8 +162,8 @@ def main() -> int:
     for name, kw in variants.items():
         qdir = out / name
         cfg = QuantizeConfig(model=str(fp32), output=str(qdir), bits=4, group_size=128,
-                             calib_data=str(out / "train.jsonl"), calib_samples=args.calib_samples,
-                             calib_max_len=args.calib_max_len, device=args.device, **kw)
+                             data=str(out / "train.jsonl"), calib_samples=args.calib_samples,
+                             max_len=args.calib_max_len, device=args.device, **kw)
         t0 = time.perf_counter()
         run_quantize(cfg)
         quant_s = time.perf_counter() - t0

@@ -89,7 +89,7 @@ def run_recipe(args) -> dict:
     # original: 2 examples per step. toucan: 2 packed rows per step, as micro-batches of 1 row
     # (attention inside a row is dense over the block-diagonal mask, so shorter rows cost less).
     batch, accum = (2, 1) if args.recipe == "original" else (1, 2)
-    cfg = TrainConfig(model_name_or_path="-", data_path=["-"], output_dir=str(Path(args.tmp) / args.recipe),
+    cfg = TrainConfig(model="-", data=["-"], output=str(Path(args.tmp) / args.recipe),
                       per_device_train_batch_size=batch, gradient_accumulation_steps=accum, learning_rate=2e-5, warmup_ratio=0.03, max_steps=100000,
                       logging_steps=100000, save_steps=10 ** 9, seed=0, lr_scheduler_type="cosine",
                       extra_args=["--save_strategy", "no", "--disable_tqdm", "True"])

@@ -99,7 +99,7 @@ def test_demo_smoke(tmp_path, capsys):
 def test_demo_full_recipe(tmp_path, capsys):
     """The whole recipe at the smallest size: delta round trip, 4-bit GPTQ, eval report, web command."""
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--output_dir", str(out), "--train_examples", "120", "--eval_examples", "12",
+    assert cli.main(["demo", "--output", str(out), "--train_examples", "120", "--eval_examples", "12",
                      "--max_steps", "2", "--hidden_size", "64", "--num_layers", "1", "--batch_size", "8",
                      "--vocab_size", "400", "--threads", "1"]) == 0
     s = json.loads((out / "summary.json").read_text(encoding="utf-8"))

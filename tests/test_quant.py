@@ -65,7 +65,7 @@ def trained(tmp_path_factory, tiny_tok):
 
 def quantize(root, name, **kw):
     cfg = QuantizeConfig(model=str(root / "fp32"), output=str(root / name), group_size=32,
-                         calib_samples=32, calib_max_len=64, **kw)
+                         calib_samples=32, max_len=64, **kw)
     from toucan.quant import run_quantize
 
     assert run_quantize(cfg) == 0
@@ -108,7 +108,7 @@ def test_gptq_and_rtn_reload_generate_and_stay_close(trained, tiny_tok, caplog, 
     from toucan.ppl import evaluate, load_sequences
 
     monkeypatch.chdir(tmp_path)  # GPTQModel's per-layer logs must not land in the user's ./logs
-    gptq = quantize(trained, "gptq", method="gptq", calib_data=str(trained / "calib.jsonl"))
+    gptq = quantize(trained, "gptq", method="gptq", data=str(trained / "calib.jsonl"))
     assert not (tmp_path / "logs").exists()
     assert "keeping 6 layer(s) in full precision" in caplog.text and "model.layers.1.mlp.down_proj" in caplog.text
     rtn = quantize(trained, "rtn", method="rtn")
@@ -149,7 +149,7 @@ def test_plain_transformers_loads_it_without_toucan(trained, tiny_tok):
     quantized directory and generates on CPU, in a process that never imports toucan."""
     d = trained / "gptq"
     if not d.exists():
-        d = quantize(trained, "gptq", method="gptq", calib_data=str(trained / "calib.jsonl"))
+        d = quantize(trained, "gptq", method="gptq", data=str(trained / "calib.jsonl"))
     script = textwrap.dedent(f"""
         import os, sys
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -178,7 +178,7 @@ def test_bad_input_gets_typed_errors(trained, tmp_path, capsys):
     assert cli.main(base + ["--calib-data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
     assert cli.main(base) == 2  # gptq without calibration data
-    assert "--calib-data" in capsys.readouterr().err
+    assert "--data" in capsys.readouterr().err
     assert cli.main(base + ["--group-size", "100"] + calib) == 2
     empty = tmp_path / "noweights"
     empty.mkdir()

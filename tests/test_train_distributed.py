@@ -30,8 +30,8 @@ def worker(mode: str, model_dir: str, data: str, out: str, info_path: str) -> No
     from toucan.train import rank, train
 
     setup_logging()
-    cfg = TrainConfig(model_name_or_path=model_dir, data_path=[data], output_dir=out, max_steps=3,
-                      learning_rate=1e-3, logging_steps=1, save_steps=1000, model_max_length=64,
+    cfg = TrainConfig(model=model_dir, data=[data], output=out, max_steps=3,
+                      learning_rate=1e-3, logging_steps=1, save_steps=1000, max_len=64,
                       per_device_train_batch_size=2, warmup_ratio=0.0, lr_scheduler_type="constant",
                       deepspeed={"zero2": "zero2", "zero3": "zero3"}.get(mode), fsdp=mode == "fsdp")
     info: dict = {}
@@ -82,7 +82,7 @@ def zero3_resize_check(cfg) -> dict:
     model = _load_model(cfg)
     emb = model.get_input_embeddings().weight
     out = {"partitioned_numel": emb.numel(), "old_rows": model.config.vocab_size}
-    n = len(load_tokenizer(cfg.model_name_or_path))
+    n = len(load_tokenizer(cfg.model))
     out["added"] = resize_embeddings(model, n)
     params = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):

@@ -68,7 +68,7 @@ def test_train_with_packing(tmp_path, tiny_model_dir):
 
     data = write_data(tmp_path / "d.json", n=40)
     res = train(tcfg(tiny_model_dir, data, tmp_path / "out", packing=True, max_steps=8, logging_steps=2,
-                     per_device_train_batch_size=2, model_max_length=128))
+                     per_device_train_batch_size=2, max_len=128))
     assert res.losses[-1] < res.losses[0]
     m = read_manifest(tmp_path / "out")["train"]
     assert m["examples"] == 40 and 0 < m["packed_rows"] < 40

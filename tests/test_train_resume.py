@@ -18,8 +18,8 @@ HERE = Path(__file__).resolve()
 def resume_cfg(model_dir, data, out, **kw):
     from toucan.config import TrainConfig
 
-    base = dict(model_name_or_path=str(model_dir), data_path=[str(data)], output_dir=str(out), max_steps=6,
-                save_steps=2, learning_rate=2e-3, logging_steps=1, model_max_length=64, per_device_train_batch_size=3,
+    base = dict(model=str(model_dir), data=[str(data)], output=str(out), max_steps=6,
+                save_steps=2, learning_rate=2e-3, logging_steps=1, max_len=64, per_device_train_batch_size=3,
                 warmup_ratio=0.2, lr_scheduler_type="cosine", save_total_limit=None)
     base.update(kw)
     return TrainConfig(**base)

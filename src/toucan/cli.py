@@ -56,11 +56,20 @@ def _unwrap(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def flag_names(f: dataclasses.Field) -> list[str]:
+    """The option strings of a field: the primary (hyphenated) spelling first, then its aliases
+    (the underscore spelling and any HF Trainer / FastChat names), which work but are not shown."""
+    flags = [f"--{f.name.replace('_', '-')}"]
+    if "_" in f.name:
+        flags.append(f"--{f.name}")
+    return flags + [a for a in f.metadata.get("aliases", ()) if a not in flags]
+
+
 def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
     meta = f.metadata
     inner, _ = _unwrap(tp)
     help_text = meta.get("help", "")
-    kw: dict[str, Any] = {"help": help_text, "dest": f.name}
+    kw: dict[str, Any] = {"dest": f.name}
     if meta.get("choices"):
         kw["choices"] = meta["choices"]
     if meta.get("metavar"):
@@ -72,27 +81,41 @@ def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> Non
         if is_list:
             kw["nargs"] = "+" if meta.get("required") else "*"
         kw["type"] = elem
-        p.add_argument(f.name, **kw)
+        p.add_argument(f.name, help=help_text.replace("%", "%%"), **kw)
         return
-    flags = [f"--{f.name}"]
-    if "_" in f.name:
-        flags.append(f"--{f.name.replace('_', '-')}")
-    flags += [a for a in meta.get("aliases", ()) if a not in flags]
     if inner is bool:
         kw["action"] = argparse.BooleanOptionalAction
     else:
         kw["type"] = elem
+        if elem in (int, float) and "choices" not in kw:  # `--per-device-train-batch-size N`, not N's dest
+            kw.setdefault("metavar", "N" if elem is int else "X")
         if is_list:
             # extend: `--stop a b` and `--stop a --stop b` both give [a, b]
             kw["nargs"], kw["action"] = "+", "extend"
     if meta.get("required"):
         # Checked after --config is merged (see main), so a config file can supply it.
-        kw["help"] = f"{help_text} (required)"
+        help_text = f"{help_text} (required)"
     else:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if default is not None and help_text:
-            kw["help"] = f"{help_text} (default: {default})"
-    p.add_argument(*flags, **kw)
+        if default not in (None, []) and help_text:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            help_text = f"{help_text} (default: {shown})"
+    primary, *aliases = flag_names(f)
+    p.add_argument(primary, help=help_text.replace("%", "%%"), **kw)
+    if aliases:
+        # argparse cannot hide one spelling of an option, so the aliases are a second option with
+        # the same dest and no help line: they parse exactly like the primary one.
+        kw.pop("metavar", None)
+        p.add_argument(*aliases, help=argparse.SUPPRESS, **kw)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Booleans read `--x/--no-x` (argparse's default is `--x, --no-x`)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return "/".join(action.option_strings)
+        return super()._format_action_invocation(action)
 
 
 def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
@@ -113,8 +136,11 @@ def config_from_args(cls: type, ns: argparse.Namespace, extra: Sequence[str] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False everywhere: `--model` must never be read as a prefix of a hidden alias
+    # (`--model_max_length`), and `train` passes unknown flags on to TrainingArguments.
+    common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
     parser = argparse.ArgumentParser(
-        prog="toucan",
+        prog="toucan", **common,
         description="Toucan: LLaMA-architecture base model -> Chinese chat assistant "
                     "(data, SFT, delta weights, 4-bit GPTQ, chat/web/API, judge evaluation).")
     parser.add_argument("--version", action="version", version=f"toucan {__version__}")
@@ -128,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         if " " in name:
             group, sub = name.split(" ", 1)
             if group not in groups:
-                gp = subs.add_parser(group, help=f"{group} commands")
+                gp = subs.add_parser(group, help=f"{group} commands", **common)
                 groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-            sp = groups[group].add_parser(sub, help=doc, description=doc)
+            sp = groups[group].add_parser(sub, help=doc, description=doc, **common)
         else:
-            sp = subs.add_parser(name, help=doc, description=doc)
+            sp = subs.add_parser(name, help=doc, description=doc, **common)
         sp.set_defaults(_command=name)
         add_config_arguments(sp, cls)
     return parser
@@ -179,17 +205,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.config:
             defaults = _load_config_file(ns.config)
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(defaults) - known
+            # a key is a field name or any of its flag spellings without "--" (model_name_or_path)
+            known = {a[2:].replace("-", "_"): f.name for f in dataclasses.fields(cls) for a in flag_names(f)}
+            unknown = {k for k in defaults if k.replace("-", "_") not in known}
             if unknown:
                 raise ConfigError(f"{ns.config}: unknown option(s) for '{name}': {', '.join(sorted(unknown))}")
             for k, v in defaults.items():  # flags given on the command line win over the file
-                if getattr(ns, k, None) is None:
-                    setattr(ns, k, v)
-        missing = [f.name for f in dataclasses.fields(cls)
+                if getattr(ns, known[k.replace("-", "_")], None) is None:
+                    setattr(ns, known[k.replace("-", "_")], v)
+        missing = [f.name if f.metadata.get("positional") else flag_names(f)[0] for f in dataclasses.fields(cls)
                    if f.metadata.get("required") and getattr(ns, f.name, None) in (None, [])]
         if missing:
-            parser.error(f"{name}: missing required option(s): " + ", ".join(f"--{m}" for m in missing))
+            parser.error(f"{name}: missing required option(s): " + ", ".join(missing))
         cfg = config_from_args(cls, ns, extra)
         return run_command(name, cfg)
     except ToucanError as e:

@@ -1,9 +1,15 @@
 """Every command's options and their defaults: the one place defaults live.
 
 Each command is a function taking one of these dataclasses (see COMMANDS in toucan.cli); the CLI
-is generated from the fields: `--field_name` and `--field-name` both work, booleans get
-`--x/--no-x`, list fields take several values, `help=` is what `toucan CMD --help` prints.
-Use `opt(default, "help", "--alias")` for a field; `positional=True` makes it an argument.
+is generated from the fields: `--field-name` is the spelling help shows, `--field_name` and any
+aliases also work (hidden), booleans get `--x/--no-x`, list fields take several values, `help=` is
+what `toucan CMD --help` prints. Use `opt(default, "help", "--alias")` for a field;
+`positional=True` makes it an argument.
+
+One vocabulary in every command (tests/test_cli.py checks it): --model is the input model,
+--output what the command writes, --data its data, --max-len a sequence length, --base the base
+model an adapter or delta belongs to. Older names (HF Trainer's --model_name_or_path, --output_dir,
+--data_path, --model_max_length; FastChat's --base-model-path ...) stay as hidden aliases.
 """
 
 from __future__ import annotations
@@ -57,11 +63,12 @@ class ModelOptions:
 class DataConfig:
     """Load, validate, sample, deduplicate and tokenize Alpaca-format instruction data."""
 
-    data_path: list[str] = opt([], "JSON array or JSON Lines files; FILE:0.5 keeps a fraction, FILE:1000 a count",
-                               positional=True, metavar="FILE[:N]")
+    data: list[str] = opt([], "JSON array or JSON Lines files; FILE:0.5 keeps a fraction, FILE:1000 a count",
+                          positional=True, metavar="FILE[:N]")
     tokenizer: Optional[str] = opt(None, "tokenizer directory or SentencePiece .model (needed for token counts)")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))
-    max_len: int = opt(512, "maximum tokens per example (prompt + response + EOS)", "--model_max_length")
+    max_len: int = opt(512, "maximum tokens per example (prompt + response + EOS)", "--model_max_length",
+                       "--model-max-length")
     min_response_tokens: int = opt(1, "drop examples whose response has fewer tokens")
     seed: int = opt(42, "seed for sampling and shuffling")
     shuffle: bool = opt(True, "shuffle records (seeded)")
@@ -73,18 +80,21 @@ class DataConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# toucan train  (flag names follow the original: HF Trainer's)
+# toucan train  (the original's HF Trainer names, --model_name_or_path ..., are aliases)
 
 @dataclass
 class TrainConfig:
     """Supervised fine-tuning (full or LoRA) with the HF Trainer; also under torchrun / DeepSpeed / FSDP."""
 
-    model_name_or_path: str = opt(None, "base model directory", required=True)
-    data_path: list[str] = opt([], "training data (same syntax as `toucan data`)", required=True)
-    output_dir: str = opt(None, "where the fine-tuned model (and checkpoints) go", required=True)
+    model: str = opt(None, "model directory to fine-tune", "--model_name_or_path", "--model-name-or-path",
+                     required=True)
+    data: list[str] = opt([], "training data (same syntax as `toucan data`)", "--data_path", "--data-path",
+                          required=True)
+    output: str = opt(None, "where the fine-tuned model (or LoRA adapter) goes; checkpoints go to OUTPUT-checkpoints/",
+                      "--output_dir", "--output-dir", required=True)
     tokenizer: Optional[str] = opt(None, "tokenizer directory (default: the model's); embeddings are resized to it")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))
-    model_max_length: int = opt(512, "maximum tokens per example", "--max_len")
+    max_len: int = opt(512, "maximum tokens per example", "--model_max_length", "--model-max-length")
     finetuning_type: str = opt("full", "full or lora", choices=["full", "lora"])
     lora_rank: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA alpha")
@@ -110,7 +120,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     deepspeed: Optional[str] = opt(None, "DeepSpeed config: a JSON file or a shipped name (zero2, zero3, zero3_offload, ...)")
     fsdp: bool = opt(False, "shard with FSDP (torch FSDP2; also works on CPU with gloo)")
-    resume_from_checkpoint: Optional[str] = opt(None, "checkpoint directory, or 'auto' for the latest complete one in OUTPUT_DIR-checkpoints/")
+    resume_from_checkpoint: Optional[str] = opt(None, "checkpoint directory, or 'auto' for the latest complete one in OUTPUT-checkpoints/")
     skip_bad: bool = opt(False, "skip malformed data records instead of failing")
     report_to: str = opt("none", "where the Trainer reports (none, tensorboard, wandb)")
     extra_args: list[str] = opt([], "further HF TrainingArguments flags, passed through")
@@ -122,7 +132,7 @@ class MergeLoraConfig:
 
     base: str = opt(None, "base model directory the adapter was trained on", required=True)
     adapter: str = opt(None, "LoRA adapter directory (a `toucan train --finetuning_type lora` output)", required=True)
-    output: str = opt(None, "where the merged model directory goes", "--output_dir", required=True)
+    output: str = opt(None, "where the merged model directory goes", "--output_dir", "--output-dir", required=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +187,8 @@ class ServeConfig(ModelOptions):
 class DemoConfig:
     """The whole recipe at toy scale, offline on a CPU: data -> SFT -> ... -> chat transcript."""
 
-    output_dir: str = opt("runs/demo", "run folder (everything the demo makes goes here)")
+    output: str = opt("runs/demo", "run folder (everything the demo makes goes here)", "--output_dir",
+                      "--output-dir")
     seed: int = opt(0, "seed for data, model and training")
     train_examples: int = opt(6000, "generated training questions")
     eval_examples: int = opt(200, "held-out generated questions for exact-match accuracy")
@@ -204,7 +215,8 @@ class EvalGenerateConfig(GenerationOptions, ModelOptions):
     """Answer every eval-set question with a model (batched, resumable)."""
 
     model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
-    eval_set: str = opt(None, "BELLE eval set: JSON Lines (or array) of {question, class, std_answer}", required=True)
+    data: str = opt(None, "BELLE eval set: JSON Lines (or array) of {question, class, std_answer}",
+                    "--eval-set", "--eval_set", required=True)
     output: str = opt(None, "answers file (JSON Lines); an existing one is resumed", required=True)
     model_name: Optional[str] = opt(None, "name shown in the report (default: the model directory's name)")
     batch_size: int = opt(8, "questions per generate call")
@@ -218,7 +230,7 @@ class EvalGenerateConfig(GenerationOptions, ModelOptions):
 class EvalJudgeConfig:
     """Score answers with BELLE's judge prompts on any OpenAI-compatible endpoint (cached), or offline."""
 
-    answers: str = opt(None, "answers file written by `toucan eval generate`", required=True)
+    data: str = opt(None, "answers file written by `toucan eval generate`", "--answers", required=True)
     output: str = opt(None, "scores file (JSON Lines)", required=True)
     prompts: Optional[str] = opt(None, "BELLE eval_prompt.json (judge prompt per class; needed by the LLM judge)")
     judge: str = opt("llm", "llm: an OpenAI-compatible judge; reference: offline character ROUGE-L "
@@ -263,36 +275,44 @@ class TokenizerExtendConfig:
 # ----------------------------------------------------------------------------------------------
 # toucan make-delta | apply-delta | check-delta  (streamed, bit-exact; see toucan/delta.py)
 
+# --base/--model/--delta/--output in the one vocabulary; FastChat's --base-model-path,
+# --target-model-path, --delta-path and our older --target/--delta for outputs are aliases.
+
 @dataclass
-class DeltaPaths:
+class DeltaBase:
     base: str = opt(None, "base model directory (safetensors or pytorch_model*.bin)", "--base-model-path",
-                    required=True)
-    delta: str = opt(None, "delta directory (make-delta writes it atomically)", "--delta-path", required=True)
+                    "--base_model_path", required=True)
 
 
 @dataclass
-class MakeDeltaConfig(DeltaPaths):
-    """Delta weights (target - base, bit-exact, with checksums), streamed tensor by tensor."""
+class MakeDeltaConfig(DeltaBase):
+    """Delta weights (fine-tuned - base, bit-exact, with checksums), streamed tensor by tensor."""
 
-    target: str = opt(None, "fine-tuned model directory", "--target-model-path", required=True)
+    model: str = opt(None, "fine-tuned model directory", "--target", "--target-model-path",
+                     "--target_model_path", required=True)
+    output: str = opt(None, "delta directory to write (atomically)", "--delta", "--delta-path", "--delta_path",
+                      required=True)
     max_shard_size: str = opt("2GB", "largest delta shard file (e.g. 500MB, 2GB)")
 
 
 @dataclass
-class ApplyDeltaConfig(DeltaPaths):
+class ApplyDeltaConfig(DeltaBase):
     """Restore a fine-tuned model from base + delta; refuses a wrong base, verifies the result."""
 
-    target: str = opt(None, "model directory to write (atomically)", "--target-model-path", required=True)
+    delta: str = opt(None, "delta directory written by make-delta", "--delta-path", "--delta_path", required=True)
+    output: str = opt(None, "model directory to write (atomically)", "--target", "--target-model-path",
+                      "--target_model_path", required=True)
     verify_sha256: bool = opt(False, "check base and result with the recorded sha256 instead of the "
                                      "xxh3-128 beside it (same detection, several times slower)")
 
 
 @dataclass
-class CheckDeltaConfig(DeltaPaths):
-    """Report per tensor whether a base (and optionally a target) match a delta's checksums."""
+class CheckDeltaConfig(DeltaBase):
+    """Report per tensor whether a base (and optionally a fine-tuned model) match a delta's checksums."""
 
-    target: Optional[str] = opt(None, "restored or original target model directory to check too",
-                                "--target-model-path")
+    delta: str = opt(None, "delta directory written by make-delta", "--delta-path", "--delta_path", required=True)
+    model: Optional[str] = opt(None, "restored or original fine-tuned model directory to check too",
+                               "--target", "--target-model-path", "--target_model_path")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,10 +331,10 @@ class QuantizeConfig:
     desc_act: bool = opt(False, "act-order: quantize columns by decreasing activation size (GPTQ only)")
     sym: bool = opt(True, "symmetric quantization (fixed zero point); --no-sym or --asym for asymmetric")
     asym: bool = opt(False, "asymmetric quantization (a zero point per group); the same as --no-sym")
-    calib_data: Optional[str] = opt(None, "calibration data: instruction JSON/JSONL (rendered with the prompt "
-                                          "template) or plain .txt (required for gptq)")
+    data: Optional[str] = opt(None, "calibration data: instruction JSON/JSONL (rendered with the prompt "
+                                    "template) or plain .txt (required for gptq)", "--calib-data", "--calib_data")
     calib_samples: int = opt(128, "calibration sequences (GPTQ authors advise >= 128)")
-    calib_max_len: int = opt(512, "tokens per calibration sequence")
+    max_len: int = opt(512, "tokens per calibration sequence", "--calib-max-len", "--calib_max_len")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction calibration data",
                         choices=sorted(TEMPLATES))
     damp_percent: float = opt(0.05, "GPTQ Hessian dampening, as a fraction of its mean diagonal")
@@ -330,8 +350,9 @@ class PplConfig:
     data: str = opt(None, "plain .txt, or instruction JSON/JSONL (only response tokens are scored)",
                     required=True)
     reference: Optional[str] = opt(None, "reference model directory for the mean per-token KL(reference || model)")
-    ctx: int = opt(512, "tokens per window (plain text), or maximum tokens per example (instruction data)")
-    stride: int = opt(512, "plain text: window start every `stride` tokens; each token is scored once")
+    max_len: int = opt(512, "tokens per window (plain text), or maximum tokens per example (instruction data)",
+                       "--ctx")
+    stride: int = opt(512, "plain text: a window starts every STRIDE tokens; each token is scored once")
     max_samples: int = opt(0, "score at most this many windows/examples (0 = all)")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction data", choices=sorted(TEMPLATES))
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -95,6 +96,7 @@ def _has_surrogate(s: str) -> bool:
 
 _DECODER = json.JSONDecoder()
 _WS = " \t\n\r"
+_HUGE_INT = f"invalid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)"
 
 
 def _iter_array(text: str, path: str, line_of) -> Iterator[tuple[int, int, object]]:
@@ -103,9 +105,9 @@ def _iter_array(text: str, path: str, line_of) -> Iterator[tuple[int, int, objec
     Written by hand because json.loads gives no element positions (we want every record's line)
     and fails the whole file on one bad element; datasets/pyarrow's JSON reader reports neither.
     A syntax error inside the array cannot be skipped (we would not know where the next element
-    starts), so it always raises, naming its line."""
-    def fail(msg, pos):
-        raise DataError(msg, file=path, line=line_of(pos)) from None
+    starts), so it always raises, naming its line and the index of the record it is in (or after)."""
+    def fail(msg, pos, index):
+        raise DataError(msg, file=path, line=line_of(pos), index=index) from None
 
     pos = text.index("[") + 1
     n = len(text)
@@ -114,7 +116,7 @@ def _iter_array(text: str, path: str, line_of) -> Iterator[tuple[int, int, objec
         while pos < n and text[pos] in _WS:
             pos += 1
         if pos >= n:
-            fail("invalid JSON (unterminated array: expected ']')", pos)
+            fail("invalid JSON (unterminated array: expected ']')", pos, i)
         if text[pos] == "]" and i == 0:
             pos += 1
             break
@@ -122,9 +124,11 @@ def _iter_array(text: str, path: str, line_of) -> Iterator[tuple[int, int, objec
         try:
             value, pos = _DECODER.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            fail(f"invalid JSON ({e.msg})", e.pos)
+            fail(f"invalid JSON ({e.msg})", e.pos, i)
         except RecursionError:
-            fail("invalid JSON (nested too deeply)", start)
+            fail("invalid JSON (nested too deeply)", start, i)
+        except ValueError:  # int() refuses huge digit strings (sys.set_int_max_str_digits): not a JSONDecodeError
+            fail(_HUGE_INT, start, i)
         yield i, line_of(start), value
         i += 1
         while pos < n and text[pos] in _WS:
@@ -136,12 +140,12 @@ def _iter_array(text: str, path: str, line_of) -> Iterator[tuple[int, int, objec
             pos += 1
             break
         if pos >= n:
-            fail("invalid JSON (unterminated array: expected ']')", pos)
-        fail("invalid JSON (expected ',' or ']' after an array element)", pos)
+            fail("invalid JSON (unterminated array: expected ']' after the last record)", pos, i - 1)
+        fail("invalid JSON (expected ',' or ']' after this record)", pos, i - 1)
     while pos < n and text[pos] in _WS:
         pos += 1
     if pos < n:
-        fail("invalid JSON (extra data after the array)", pos)
+        fail("invalid JSON (extra data after the array)", pos, None)
 
 
 def iter_records(path: str | Path, skip_bad: bool = False, bad: list | None = None) -> Iterator[Record]:
@@ -158,6 +162,8 @@ def iter_records(path: str | Path, skip_bad: bool = False, bad: list | None = No
         raise DataError(f"cannot read file ({e.strerror or e})", file=path) from None
     if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Windows editors)
         raw = raw[3:]
+    if not raw.strip(b" \t\r\n"):  # a 0-byte file is a failed export or a wrong path, not "0 records"
+        raise DataError("empty file (no records)", file=path)
 
     def handle(e: DataError):
         if not skip_bad:
@@ -202,6 +208,9 @@ def iter_records(path: str | Path, skip_bad: bool = False, bad: list | None = No
             continue
         except RecursionError:
             handle(DataError("invalid JSON (nested too deeply)", file=path, line=n))
+            continue
+        except ValueError:  # a huge integer (see _HUGE_INT)
+            handle(DataError(_HUGE_INT, file=path, line=n))
             continue
         try:
             yield _validate(obj, path, n, None)
@@ -441,7 +450,7 @@ def run_data(cfg) -> int:
         raise ConfigError(f"--max_len must be at least 2 (BOS + EOS), got {cfg.max_len}")
     if cfg.drop_too_long and not cfg.tokenizer:
         raise ConfigError("--drop_too_long needs --tokenizer (lengths are counted in tokens)")
-    records, report = load_dataset_spec(cfg.data_path, seed=cfg.seed, shuffle=cfg.shuffle,
+    records, report = load_dataset_spec(cfg.data, seed=cfg.seed, shuffle=cfg.shuffle,
                                         dedup=cfg.dedup, skip_bad=cfg.skip_bad)
     lengths = None
     if cfg.tokenizer:

@@ -347,22 +347,22 @@ def check_delta(base_dir, delta_dir, target_dir=None) -> list[tuple[str, str, st
 # commands
 
 def run_make_delta(cfg) -> int:
-    info = make_delta(cfg.base, cfg.target, cfg.delta, cfg.max_shard_size, cfg)
-    print(f"{cfg.delta}: delta of {len(info['tensors'])} tensors "
+    info = make_delta(cfg.base, cfg.model, cfg.output, cfg.max_shard_size, cfg)
+    print(f"{cfg.output}: delta of {len(info['tensors'])} tensors "
           f"({sum(p['base'] is None for p in info['tensors'].values())} stored as they are, "
           f"{sum(p['base_rows'] is not None for p in info['tensors'].values())} with new vocabulary rows)")
     return 0
 
 
 def run_apply_delta(cfg) -> int:
-    apply_delta(cfg.base, cfg.delta, cfg.target, cfg, verify_sha256=cfg.verify_sha256)
-    print(f"{cfg.target}: restored and verified against {cfg.delta} "
+    apply_delta(cfg.base, cfg.delta, cfg.output, cfg, verify_sha256=cfg.verify_sha256)
+    print(f"{cfg.output}: restored and verified against {cfg.delta} "
           f"({'sha256' if cfg.verify_sha256 else 'xxh3-128'} of the base and of every restored tensor)")
     return 0
 
 
 def run_check_delta(cfg) -> int:
-    rows = check_delta(cfg.base, cfg.delta, cfg.target)
+    rows = check_delta(cfg.base, cfg.delta, cfg.model)
     for status, what, name in rows:
         print(f"{status:8s} {what:6s} {name}")
     bad = [r for r in rows if r[0] != "match"]

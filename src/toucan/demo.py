@@ -6,7 +6,7 @@
     reference judge) + report for fp32 and 4-bit -> a short chat transcript,
     all through the same template (toucan.prompts) and generation engine (toucan.engine).
 
-Everything goes under cfg.output_dir; steps whose output already exists (for the same settings)
+Everything goes under cfg.output; steps whose output already exists (for the same settings)
 are reused, so a rerun after an interruption continues where it stopped.
 """
 
@@ -152,8 +152,8 @@ def chat_transcript(model_dir: Path, template: str, questions: list[str]) -> lis
 
 def train_config(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> TrainConfig:
     return TrainConfig(
-        model_name_or_path=str(base), data_path=[str(train_file)], output_dir=str(out / "sft"),
-        template=cfg.template, model_max_length=cfg.max_len, max_steps=cfg.max_steps,
+        model=str(base), data=[str(train_file)], output=str(out / "sft"),
+        template=cfg.template, max_len=cfg.max_len, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         warmup_ratio=0.05, lr_scheduler_type="cosine", weight_decay=0.0,
         logging_steps=max(1, min(50, cfg.max_steps // 10)),
@@ -186,8 +186,8 @@ def quantize_4bit(cfg: DemoConfig, model: Path, calib: Path, out: Path) -> Path:
 
     q = out / "sft-gptq-4bit"
     run_quantize(QuantizeConfig(model=str(model), output=str(q), method="gptq", bits=4,
-                                group_size=cfg.quant_group_size, calib_data=str(calib), calib_samples=128,
-                                calib_max_len=cfg.max_len, template=cfg.template, seed=cfg.seed, device="cpu"))
+                                group_size=cfg.quant_group_size, data=str(calib), calib_samples=128,
+                                max_len=cfg.max_len, template=cfg.template, seed=cfg.seed, device="cpu"))
     return q
 
 
@@ -210,7 +210,7 @@ def evaluate(cfg: DemoConfig, models: dict[str, Path], held_file: Path, out: Pat
         answers = d / f"answers-{name}.jsonl"
         answers.unlink(missing_ok=True)  # the model may have been retrained: never resume stale answers
         run_eval_generate(EvalGenerateConfig(
-            model=str(model), eval_set=str(eval_set), output=str(answers), model_name=f"demo-{name}",
+            model=str(model), data=str(eval_set), output=str(answers), model_name=f"demo-{name}",
             template=cfg.template, device="cpu", batch_size=64, max_new_tokens=32, do_sample=False,
             temperature=0.0, repetition_penalty=1.0))
         scores.append(d / f"scores-{name}.jsonl")
@@ -271,7 +271,7 @@ def _sft(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> tuple[Path
     from .train import run_train
 
     tcfg = train_config(cfg, base, train_file, out)
-    sft = Path(tcfg.output_dir)
+    sft = Path(tcfg.output)
     if not _trained_with(sft, tcfg):
         _drop_stale_checkpoints(tcfg, _manifest(base)["demo"])
         run_train(tcfg)
@@ -307,7 +307,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
     t0 = time.time()
     torch.set_num_threads(cfg.threads or auto_threads())
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 

@@ -1,7 +1,7 @@
 """LoRA through peft: wrap a model for `toucan train --finetuning_type lora`, and
 `toucan merge-lora` to fold an adapter back into a full model directory.
 
-An adapter directory (what a LoRA run's --output_dir holds): adapter_config.json,
+An adapter directory (what a LoRA run's --output holds): adapter_config.json,
 adapter_model.safetensors, the tokenizer, toucan.json. With an extended vocabulary the base's
 embeddings are resized to the tokenizer first (new rows = mean of old, deterministic), so
 merge-lora rebuilds exactly the model the adapter was trained on.

@@ -92,10 +92,10 @@ def run_ppl(cfg) -> int:
     from .fsutil import atomic_write_json
     from .modeling import load_model, load_tokenizer
 
-    if cfg.ctx < 2 or not 1 <= cfg.stride <= cfg.ctx:
-        raise ConfigError(f"need ctx >= 2 and 1 <= stride <= ctx (got ctx={cfg.ctx}, stride={cfg.stride})")
+    if cfg.max_len < 2 or not 1 <= cfg.stride <= cfg.max_len:
+        raise ConfigError(f"need --max-len >= 2 and 1 <= --stride <= --max-len (got {cfg.max_len} and {cfg.stride})")
     tokenizer = load_tokenizer(cfg.model)
-    seqs = load_sequences(tokenizer, cfg.data, cfg.ctx, cfg.stride, cfg.template, cfg.max_samples)
+    seqs = load_sequences(tokenizer, cfg.data, cfg.max_len, cfg.stride, cfg.template, cfg.max_samples)
     model = load_model(cfg.model, device=cfg.device)
     reference = None
     if cfg.reference:
@@ -103,9 +103,9 @@ def run_ppl(cfg) -> int:
             raise ConfigError(f"{cfg.reference}: its tokenizer differs from {cfg.model}'s; KL needs the same one")
         reference = load_model(cfg.reference, device=cfg.device)
     result = evaluate(model, seqs, reference)
-    result.update(model=str(cfg.model), reference=cfg.reference, data=str(cfg.data), ctx=cfg.ctx,
+    result.update(model=str(cfg.model), reference=cfg.reference, data=str(cfg.data), ctx=cfg.max_len,
                   stride=cfg.stride, kind="text" if is_text_file(cfg.data) else "instruction responses")
-    line = f"ppl {result['ppl']:.4f} over {result['tokens']} tokens ({result['kind']}, ctx {cfg.ctx}"
+    line = f"ppl {result['ppl']:.4f} over {result['tokens']} tokens ({result['kind']}, ctx {cfg.max_len}"
     line += f", stride {cfg.stride})" if is_text_file(cfg.data) else ")"
     if reference is not None:
         line += f"  KL(reference || model) {result['kl']:.4g} nats/token"

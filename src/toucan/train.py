@@ -7,10 +7,10 @@ in toucan/configs), or sharded with FSDP (`--fsdp`).
     records (toucan.data) -> encode_record (prompt masked, response + EOS kept) -> [pack]
       -> SFTCollator (right-pad: input_ids with pad id, labels with -100) -> Trainer -> save_model_dir
 
-Layout of an output: `--output_dir OUT` is a standard Hugging Face model directory (safetensors,
+Layout of an output: `--output OUT` is a standard Hugging Face model directory (safetensors,
 tokenizer, config, toucan.json manifest), written atomically at the end. Trainer checkpoints go to
 `OUT-checkpoints/` (a sibling, so the final atomic write of OUT never touches them and
-`toucan verify OUT` sees only the model); `--resume_from_checkpoint auto` looks there.
+`toucan verify OUT` sees only the model); `--resume-from-checkpoint auto` looks there.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _cuda_available() -> bool:
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
-    return Path(str(cfg.output_dir).rstrip("/") + "-checkpoints")
+    return Path(str(cfg.output).rstrip("/") + "-checkpoints")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,16 +62,16 @@ def data_files(specs: Sequence[str]) -> list[str]:
 
 
 def load_examples(cfg: TrainConfig, tokenizer) -> list[dict]:
-    """Records from every --data_path (sampling, dedup, seeded shuffle: toucan.data), tokenized by
+    """Records from every --data file (sampling, dedup, seeded shuffle: toucan.data), tokenized by
     toucan.data's rule (prompt masked, response + EOS kept)."""
-    records, _ = load_dataset_spec(list(cfg.data_path), seed=cfg.seed, skip_bad=cfg.skip_bad)
-    _, encoded, rep = encode_records(tokenizer, records, cfg.model_max_length, cfg.template)
+    records, _ = load_dataset_spec(list(cfg.data), seed=cfg.seed, skip_bad=cfg.skip_bad)
+    _, encoded, rep = encode_records(tokenizer, records, cfg.max_len, cfg.template)
     if rep.truncated or rep.dropped_no_room or rep.dropped_short:
-        log.info("%d example(s) truncated to %d tokens, %d dropped", rep.truncated, cfg.model_max_length,
+        log.info("%d example(s) truncated to %d tokens, %d dropped", rep.truncated, cfg.max_len,
                  rep.dropped_no_room + rep.dropped_short)
     if not encoded:
-        raise DataError(f"no usable training examples (max length {cfg.model_max_length})",
-                        file=", ".join(cfg.data_path))
+        raise DataError(f"no usable training examples (max length {cfg.max_len})",
+                        file=", ".join(cfg.data))
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 
 
@@ -241,7 +241,7 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
 
 @dataclass
 class TrainResult:
-    output_dir: Path
+    output: Path
     log_history: list[dict] = field(default_factory=list)
     global_step: int = 0
     train_examples: int = 0
@@ -259,10 +259,10 @@ def _load_model(cfg: TrainConfig):
 
     from .modeling import check_model_dir
 
-    check_model_dir(cfg.model_name_or_path)
+    check_model_dir(cfg.model)
     # fp32 master weights: mixed precision (--bf16/--fp16) is the Trainer's job, and fp32 is the
     # fast path on CPUs without AMX.
-    return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
 
 
 def resize_embeddings(model, vocab_size: int) -> int:
@@ -327,10 +327,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
 
     from .modeling import load_tokenizer, save_model_dir
 
-    if cfg.model_name_or_path is None or cfg.output_dir is None or not cfg.data_path:
-        raise ConfigError("--model_name_or_path, --data_path and --output_dir are required")
+    if cfg.model is None or cfg.output is None or not cfg.data:
+        raise ConfigError("--model, --data and --output are required")
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     examples = load_examples(cfg, tokenizer)
     log.info("%d training examples, %d tokens", len(examples), sum(len(e["input_ids"]) for e in examples))
 
@@ -348,11 +348,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     collator = SFTCollator(tokenizer.pad_token_id)
     n_examples = len(examples)
     if cfg.packing:
-        examples = pack_examples(examples, cfg.model_max_length)
+        examples = pack_examples(examples, cfg.max_len)
         collator = PackedCollator(tokenizer.pad_token_id, one_row=True)
-        fill = sum(len(r["input_ids"]) for r in examples) / (len(examples) * cfg.model_max_length)
+        fill = sum(len(r["input_ids"]) for r in examples) / (len(examples) * cfg.max_len)
         log.info("packed %d examples into %d rows of %d tokens (%.1f%% full)", n_examples, len(examples),
-                 cfg.model_max_length, 100 * fill)
+                 cfg.max_len, 100 * fill)
     if cfg.fsdp and not _cuda_available():
         result, state_dict, saved_model = train_fsdp_cpu(cfg, model, examples, collator, args)
     else:
@@ -360,7 +360,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
                           processing_class=tokenizer, callbacks=[*callbacks, CheckpointMarker()],
                           compute_loss_func=response_loss if cfg.packing else None)
         trainer.train(resume_from_checkpoint=resolve_resume(cfg))
-        result = TrainResult(Path(cfg.output_dir), list(trainer.state.log_history), trainer.state.global_step,
+        result = TrainResult(Path(cfg.output), list(trainer.state.log_history), trainer.state.global_step,
                              model=trainer.model_wrapped, trainer=trainer)
         state_dict = _final_state_dict(trainer)
         saved_model = trainer.accelerator.unwrap_model(trainer.model)
@@ -369,8 +369,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
 
     if rank() == 0:
         saveable = saved_model if state_dict is None else _StateDictSaver(saved_model, state_dict)
-        save_model_dir(cfg.output_dir, saveable, tokenizer, command="train", config=cfg,
-                       inputs=data_files(cfg.data_path),
+        save_model_dir(cfg.output, saveable, tokenizer, command="train", config=cfg,
+                       inputs=data_files(cfg.data),
                        manifest_extra={"train": {"global_step": result.global_step,
                                                  "examples": n_examples,
                                                  "packed_rows": len(examples) if cfg.packing else None,
@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
                                                  "embedding_rows_added": added,
                                                  "finetuning_type": cfg.finetuning_type,
                                                  "log_history": result.log_history}})
-        log.info("saved %s", cfg.output_dir)
+        log.info("saved %s", cfg.output)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return result
@@ -461,7 +461,7 @@ def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args
         epoch += 1
     bar.close()
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return TrainResult(Path(cfg.output_dir), history, step, model=model), state_dict, model
+    return TrainResult(Path(cfg.output), history, step, model=model), state_dict, model
 
 
 def run_train(cfg: TrainConfig) -> int:

@@ -35,7 +35,7 @@ def _meta(cfg: EvalGenerateConfig, items: list[dict]) -> dict:
     counts = Counter(i["class"] for i in items)
     return {"kind": "answers", "model": cfg.model_name or Path(cfg.model).resolve().name,
             "model_dir": str(cfg.model), "template": cfg.template,
-            "eval_set": str(cfg.eval_set), "eval_set_sha256": sha256_file(cfg.eval_set),
+            "eval_set": str(cfg.data), "eval_set_sha256": sha256_file(cfg.data),
             "class_counts": {c: counts[c] for c in CLASSES},
             "generation": dataclasses.asdict(generation_options(cfg))}
 
@@ -59,7 +59,7 @@ def _done_ids(cfg: EvalGenerateConfig, meta: dict) -> set[str]:
 def run_eval_generate(cfg: EvalGenerateConfig) -> int:
     from ..engine import Engine
 
-    items = load_eval_set(cfg.eval_set)
+    items = load_eval_set(cfg.data)
     meta = _meta(cfg, items)  # class counts of the whole set: the report counts missing answers against it
     if cfg.limit is not None:
         items = items[: cfg.limit]

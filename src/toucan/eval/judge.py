@@ -157,11 +157,11 @@ def _llm_scores(answers: list[dict], cfg: EvalJudgeConfig) -> tuple[list[dict], 
 
 
 def run_eval_judge(cfg: EvalJudgeConfig) -> int:
-    meta, answers = read_records(cfg.answers, "answers")
+    meta, answers = read_records(cfg.data, "answers")
     for a in answers:
         a["class"] = normalize_class(a["class"])
         if a["class"] not in CLASSES:
-            raise EvalError(f"{cfg.answers}: item {a.get('id')}: unknown class {a['class']!r}")
+            raise EvalError(f"{cfg.data}: item {a.get('id')}: unknown class {a['class']!r}")
     judge = {"kind": cfg.judge, "comparable_with_llm_judge": cfg.judge == "llm"}
     if cfg.judge == "reference":
         from .reference import judge_reference  # rouge-score (and nltk) only when used
@@ -174,7 +174,7 @@ def run_eval_judge(cfg: EvalJudgeConfig) -> int:
         judge.update(model=cfg.judge_model, url=cfg.judge_url, temperature=cfg.temperature,
                      max_tokens=cfg.max_tokens, out_of_range=cfg.out_of_range, prompts=cfg.prompts,
                      prompts_sha256=sha256_file(cfg.prompts))
-    out_meta = {**meta, "kind": "scores", "answers": str(cfg.answers), "judge": judge, "spend": spend}
+    out_meta = {**meta, "kind": "scores", "answers": str(cfg.data), "judge": judge, "spend": spend}
     lines = [json.dumps({"_meta": out_meta}, ensure_ascii=False)]
     lines += [json.dumps(s, ensure_ascii=False) for s in sorted(scored, key=lambda s: s["index"])]
     atomic_write_text(cfg.output, "\n".join(lines) + "\n")

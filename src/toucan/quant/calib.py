@@ -45,7 +45,7 @@ def calibration_samples(tokenizer, path: str | Path, n_samples: int, max_len: in
     if not path.is_file():
         raise QuantError(f"calibration file {path}: no such file")
     if max_len < 16:
-        raise QuantError(f"calib_max_len {max_len}: too short to calibrate on (need >= 16)")
+        raise QuantError(f"--max-len {max_len}: too short to calibrate on (need >= 16)")
     rng = random.Random(seed)
     if is_text_file(path):
         seqs = text_chunks(tokenizer, read_text(path), max_len)

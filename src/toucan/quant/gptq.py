@@ -166,10 +166,10 @@ def validate(cfg) -> None:
         raise QuantError(f"group_size={cfg.group_size}: use -1 (per channel) or one of "
                          f"{', '.join(map(str, GROUP_SIZES[1:]))}")
     if cfg.method == "gptq":
-        if not cfg.calib_data:
-            raise QuantError("gptq needs calibration data: pass --calib-data FILE (.json/.jsonl/.txt)")
-        if not Path(cfg.calib_data).is_file():
-            raise QuantError(f"calibration file {cfg.calib_data}: no such file")
+        if not cfg.data:
+            raise QuantError("gptq needs calibration data: pass --data FILE (.json/.jsonl/.txt)")
+        if not Path(cfg.data).is_file():
+            raise QuantError(f"calibration file {cfg.data}: no such file")
         if cfg.calib_samples < 1:
             raise QuantError(f"calib_samples={cfg.calib_samples}: need at least 1")
     if not 0 < cfg.damp_percent < 1:
@@ -197,9 +197,9 @@ def _plan(cfg):
 def _calibration(cfg, tokenizer) -> list[dict] | None:
     if cfg.method != "gptq":
         return None
-    seqs = calibration_samples(tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_max_len,
+    seqs = calibration_samples(tokenizer, cfg.data, cfg.calib_samples, cfg.max_len,
                                cfg.template, cfg.seed)
-    log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), cfg.calib_data)
+    log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), cfg.data)
     return [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
 
 
@@ -264,12 +264,12 @@ def run_quantize(cfg) -> int:
             cj["quantization_config"]["modules_in_block_to_quantize"] = block_modules(todo, list(skipped))
             atomic_write_json(tmp / "config.json", cj)
             tokenizer.save_pretrained(str(tmp))  # toucan's tokenizer (pad token set), not a re-guessed one
-            inputs = [src] + ([cfg.calib_data] if calib else [])
+            inputs = [src] + ([cfg.data] if calib else [])
             write_manifest(tmp, "quantize", cfg, inputs, extra={"quantization": {
                 "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": sym,
                 "desc_act": desc_act, "act_group_aware": bool(getattr(qcfg, "act_group_aware", False)),
                 "quantized_layers": todo, "full_precision_layers": skipped,
-                "calibration": None if calib is None else {"file": str(cfg.calib_data), "samples": len(calib),
+                "calibration": None if calib is None else {"file": str(cfg.data), "samples": len(calib),
                                                            "tokens": sum(len(c["input_ids"]) for c in calib)},
                 "seconds": round(seconds, 2),
             }})

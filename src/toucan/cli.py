@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "eval generate": (C.EvalGenerateConfig, "toucan.eval.generate:run_eval_generate"),
     "eval judge": (C.EvalJudgeConfig, "toucan.eval.judge:run_eval_judge"),
     "eval report": (C.EvalReportConfig, "toucan.eval.report:run_eval_report"),
+    "export gguf": (C.ExportGgufConfig, "toucan.gguf_export:run_export_gguf"),
 }
 
 # Commands whose unknown --flags are collected into the config's `extra_args` (HF Trainer flags).

@@ -362,6 +362,27 @@ class PplConfig:
 # ----------------------------------------------------------------------------------------------
 # toucan verify
 
+# ----------------------------------------------------------------------------------------------
+# toucan export gguf  (llama.cpp; see toucan/gguf_export.py)
+
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
+
+
+@dataclass
+class ExportGgufConfig:
+    """Export a LLaMA model (full precision or toucan's GPTQ output) as one GGUF file for llama.cpp."""
+
+    model: str = opt(None, "model directory: full precision, or a GPTQ directory from toucan quantize", required=True)
+    output: str = opt(None, "FILE.gguf to write (atomically; FILE.gguf.toucan.json is written beside it)",
+                      required=True)
+    # No argparse `choices`: a wrong value gets the same one-line error from the CLI and a --config file.
+    type: str = opt("f16", "tensor type: " + ", ".join(GGUF_TYPES) + " (a symmetric 4-bit GPTQ model whose "
+                    "groups are multiples of 32, without act-order, becomes q4_0 exactly)")
+    template: str = opt(DEFAULT_TEMPLATE, "prompt template written as tokenizer.chat_template", choices=sorted(TEMPLATES))
+    threads: int = opt(0, "threads for llama.cpp's quantizer (q4_k_m; 0 = all cores)")
+    overwrite: bool = opt(False, "replace an existing output that toucan export wrote")
+
+
 @dataclass
 class VerifyConfig:
     """Check a directory against its toucan.json manifest (sha256 of every file)."""

@@ -36,6 +36,10 @@ class ModelError(ToucanError):
     """A model directory that is missing, incomplete or of the wrong kind."""
 
 
+class GgufError(ModelError):
+    """A .gguf file that is not a complete GGUF model toucan can run (toucan.gguf_export.check_gguf)."""
+
+
 class ManifestError(ToucanError):
     """A directory that does not match its toucan.json manifest."""
 

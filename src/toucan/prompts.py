@@ -20,6 +20,7 @@ by the caller (toucan.engine truncates oldest-first); this module only renders.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -71,13 +72,18 @@ def build_prompt(instruction: str, input: str = "", history: Iterable[Turn] = ()
     t = get_template(template)
     header = system if system is not None else (t.header_input if input else t.header)
     parts = [header]
-    for q, a in history:
-        parts.append(t.instruction.format(instruction=q) + t.response + a + t.turn_sep)
+    parts += [render_turn(q, a, t) for q, a in history]
     parts.append(t.instruction.format(instruction=instruction))
     if input:
         parts.append(t.input.format(input=input))
     parts.append(t.response)
     return "".join(parts)
+
+
+def render_turn(question: str, answer: str, template: str | Template = DEFAULT_TEMPLATE) -> str:
+    """One earlier turn as build_prompt renders it in the history (the engine sizes turns with it)."""
+    t = get_template(template)
+    return t.instruction.format(instruction=question) + t.response + answer + t.turn_sep
 
 
 def fold_input(instruction: str, input: str = "") -> str:
@@ -115,6 +121,48 @@ def messages_to_turns(messages: Sequence[dict]) -> tuple[str | None, list[Turn],
 def chat_prompt(messages: Sequence[dict], template: str | Template = DEFAULT_TEMPLATE) -> str:
     system, history, instruction = messages_to_turns(messages)
     return build_prompt(instruction, history=history, template=template, system=system)
+
+
+def chat_template(template: str | Template = DEFAULT_TEMPLATE) -> str:
+    """The Jinja chat template that renders `chat_prompt(messages)` byte for byte, generated from the
+    same Template fields, so there is one definition of the prompt. It goes into every
+    tokenizer_config.json toucan writes (transformers' apply_chat_template and the servers built on
+    it) and into GGUF files as tokenizer.chat_template (llama.cpp's chat and server).
+
+    Messages: an optional first system message (replaces the header), then user/assistant turns
+    alternating, starting with the user. A user turn renders its instruction block; an assistant turn
+    renders the response marker, its text and the turn separator; add_generation_prompt appends the
+    response marker the model continues after. So with add_generation_prompt the result equals
+    `chat_prompt(messages)`, and without it a finished conversation renders as the history does.
+    BOS is not in the text: it is added as an id (toucan.data, llama.cpp's add_bos_token)."""
+    t = get_template(template)
+    ins_pre, ins_post = t.instruction.split("{instruction}")
+
+    def lit(s: str) -> str:  # a JSON string literal is a valid Jinja one (", \\ and \n escaped)
+        return json.dumps(s, ensure_ascii=False)
+
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{{- messages[0]['content'] or '' -}}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}"
+        "{{- " + lit(t.header) + " -}}"
+        "{%- set loop_messages = messages -%}"
+        "{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' and loop.index0 % 2 == 0 -%}"
+        "{{- " + lit(ins_pre) + " + (message['content'] or '') + " + lit(ins_post) + " -}}"
+        "{%- elif message['role'] == 'assistant' and loop.index0 % 2 == 1 -%}"
+        "{{- " + lit(t.response) + " + (message['content'] or '') + " + lit(t.turn_sep) + " -}}"
+        "{%- else -%}"
+        "{{- raise_exception('messages must be: an optional system message, then user and assistant "
+        "alternating, starting with user') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- " + lit(t.response) + " -}}"
+        "{%- endif -%}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,9 @@ class ModelOptions:
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
     dtype: str = opt("auto", "auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
+    threads: int = opt(0, "CPU threads for generation (0 = llama.cpp: the physical cores; transformers: torch's default)")
+    n_ctx: int = opt(0, "context length in tokens (0 = the model's: config.json max_position_embeddings, "
+                        "or the .gguf's context length); longer conversations drop their oldest turns")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +145,7 @@ class MergeLoraConfig:
 class ChatConfig(GenerationOptions, ModelOptions):
     """Chat with a model in the terminal (streaming, multi-turn)."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
+    model: str = opt(None, "model directory (full precision or 4-bit), or a .gguf file (runs on llama.cpp)", required=True)
     plain: bool = opt(False, "non-interactive: read the prompt from stdin, write the answer to stdout")
 
 
@@ -153,7 +156,7 @@ class ChatConfig(GenerationOptions, ModelOptions):
 class WebConfig(GenerationOptions, ModelOptions):
     """Gradio chat page: streaming, multi-turn, sliders, regenerate/stop/clear (binds 127.0.0.1)."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
+    model: str = opt(None, "model directory (full precision or 4-bit), or a .gguf file (runs on llama.cpp)", required=True)
     host: str = opt("127.0.0.1", "address to bind; anything but loopback needs --auth or --insecure")
     port: int = opt(7860, "port")
     auth: Optional[str] = opt(None, "user:pass, or a file with one user:pass per line")
@@ -168,7 +171,7 @@ class WebConfig(GenerationOptions, ModelOptions):
 class ServeConfig(ModelOptions):
     """OpenAI-compatible API server (FastAPI + uvicorn): /v1/models, /v1/chat/completions, /v1/completions."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
+    model: str = opt(None, "model directory (full precision or 4-bit), or a .gguf file (runs on llama.cpp)", required=True)
     host: str = opt("127.0.0.1", "address to bind")
     port: int = opt(8000, "port")
     api_key: list[str] = opt([], "accepted API keys (also TOUCAN_API_KEYS, comma-separated); none = no auth")
@@ -214,7 +217,7 @@ class DemoConfig:
 class EvalGenerateConfig(GenerationOptions, ModelOptions):
     """Answer every eval-set question with a model (batched, resumable)."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit)", required=True)
+    model: str = opt(None, "model directory (full precision or 4-bit), or a .gguf file (runs on llama.cpp)", required=True)
     data: str = opt(None, "BELLE eval set: JSON Lines (or array) of {question, class, std_answer}",
                     "--eval-set", "--eval_set", required=True)
     output: str = opt(None, "answers file (JSON Lines); an existing one is resumed", required=True)

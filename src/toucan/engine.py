@@ -22,6 +22,11 @@ transformers' TextIteratorStreamer does neither (batch size 1 only, no stop-stri
 its `stop_strings` criterion stops generation but leaves the stop string in the output.
 `_Rows` is a StoppingCriteria because the criteria run every step on the full input_ids, before
 the streamer hook, in every transformers version: one place sees each token exactly once.
+
+    eng = Engine.from_dir("runs/demo/sft-q4_0.gguf")              # a .gguf runs on llama.cpp
+A .gguf file runs through llama.cpp instead (LlamaCppEngine, at the end): the same prompts, rows
+and _TextRows (stop strings, UTF-8 deltas, cancellation); only the tokenizer and the decoding loop
+are llama.cpp's.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ import logging
 import queue
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+from . import llamacpp
 from .config import GenerationOptions
 from .data import encode_prompt
 from .errors import ConfigError
@@ -99,28 +106,28 @@ def _holdback(text: str, stop: Sequence[str]) -> int:
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-class _Rows:
-    """StoppingCriteria over a batch: decodes each row's new token, finds EOS / stop strings /
-    per-row max tokens / cancellation, and streams safe text deltas. See the module docstring."""
+class _TextRows:
+    """What both backends share, fed one token id at a time per row: EOS, stop strings (cut off,
+    never emitted), per-row max tokens, cancellation, and streamed text deltas that are whole UTF-8
+    characters and hold back a possible stop-string start. `token_bytes(id)` is the backend's
+    tokenizer: the token's bytes as text (b"" for control tokens). See the module docstring."""
 
-    def __init__(self, tokenizer, rows: list[_Row]):
-        self.tok, self.rows = tokenizer, rows
-        self.eos = tokenizer.eos_token_id
-        self.special = set(tokenizer.all_special_ids)
+    def __init__(self, rows: list[_Row], eos: int, token_bytes: Callable[[int], bytes]):
+        self.rows, self.eos, self.token_bytes = rows, eos, token_bytes
         self.max_stop = max((len(s) for r in rows for s in r.stop), default=0)
-
-    def token_bytes(self, token: int) -> bytes:
-        if token in self.special:
-            return b""
-        piece = self.tok.convert_ids_to_tokens(token)
-        m = _BYTE_PIECE.fullmatch(piece)
-        return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode("utf-8")
 
     def _emit(self, row: _Row, upto: int) -> None:
         if upto > row.emitted:
             if row.on_text is not None:
                 row.on_text(row.text[row.emitted:upto])
             row.emitted = upto
+
+    def feed(self, row: _Row, token: int) -> None:
+        """The row's next token, unless the row was cancelled meanwhile."""
+        if row.finish_reason is None and row.cancel is not None and row.cancel.is_set():
+            self.finish(row, "cancelled")
+        else:
+            self.step(row, token)
 
     def step(self, row: _Row, token: int) -> None:
         if row.finish_reason is not None:
@@ -150,15 +157,28 @@ class _Rows:
         row.finish_reason = reason
         self._emit(row, len(row.text))
 
+
+class _Rows(_TextRows):
+    """The transformers side: a StoppingCriteria feeding each row's new token to _TextRows, with
+    SentencePiece pieces as bytes ("<0xNN>" -> that byte, "▁" -> space)."""
+
+    def __init__(self, tokenizer, rows: list[_Row]):
+        self.tok = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        super().__init__(rows, tokenizer.eos_token_id, self.piece_bytes)
+
+    def piece_bytes(self, token: int) -> bytes:
+        if token in self.special:
+            return b""
+        piece = self.tok.convert_ids_to_tokens(token)
+        m = _BYTE_PIECE.fullmatch(piece)
+        return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode("utf-8")
+
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        last = input_ids[:, -1].tolist()
-        for row, tok in zip(self.rows, last):
-            if row.finish_reason is None and row.cancel is not None and row.cancel.is_set():
-                self.finish(row, "cancelled")
-            else:
-                self.step(row, tok)
+        for row, tok in zip(self.rows, input_ids[:, -1].tolist()):
+            self.feed(row, tok)
         return torch.tensor([r.finish_reason is not None for r in self.rows], device=input_ids.device)
 
 
@@ -212,10 +232,26 @@ class Engine:
 
     @classmethod
     def from_dir(cls, path, device: str = "auto", dtype: str = "auto", template: str | Template = DEFAULT_TEMPLATE,
-                 max_context: int | None = None) -> "Engine":
+                 max_context: int | None = None, threads: int = 0) -> "Engine":
+        """A model directory (transformers), or a .gguf file (llama.cpp: LlamaCppEngine, which
+        runs no code from anywhere). threads: CPU threads (0 = torch's default; llama.cpp: physical cores)."""
+        if llamacpp.is_gguf(path):
+            return LlamaCppEngine(path, template, n_ctx=max_context or 0, threads=threads)
         from .modeling import load_model, load_tokenizer
 
-        return cls(load_model(path, device=device, dtype=dtype), load_tokenizer(path), template, max_context)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return cls(load_model(path, device=device, dtype=dtype),
+                   load_tokenizer(path), template, max_context)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Engine":
+        """The engine a command's config (ModelOptions + model) asks for: --model, --device, --dtype,
+        --template, --threads, --n-ctx."""
+        return cls.from_dir(cfg.model, device=cfg.device, dtype=cfg.dtype, template=cfg.template,
+                            max_context=cfg.n_ctx or None, threads=cfg.threads)
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -265,6 +301,16 @@ class Engine:
     def stream(self, prompt: str, opts: GenerationOptions | None = None) -> Stream:
         return Stream(self, prompt, opts or GenerationOptions())
 
+    def _rows(self, ids, opts, on_text, cancel, max_new_tokens, stop) -> list[_Row]:
+        assert len(ids) > 0
+        rows = []
+        for i, x in enumerate(ids):
+            want = max_new_tokens[i] if max_new_tokens else opts.max_new_tokens
+            room = self.max_context - len(x)  # never run past the position embeddings
+            rows.append(_Row(max_new_tokens=max(1, min(want, room)), stop=[s for s in (stop[i] if stop else opts.stop) if s],
+                             on_text=on_text[i] if on_text else None, cancel=cancel[i] if cancel else None))
+        return rows
+
     def generation_config(self, opts: GenerationOptions, max_new_tokens: int):
         from transformers import GenerationConfig
 
@@ -289,14 +335,7 @@ class Engine:
         import torch
         from transformers import StoppingCriteriaList
 
-        n = len(ids)
-        assert n > 0
-        rows = []
-        for i, x in enumerate(ids):
-            want = max_new_tokens[i] if max_new_tokens else opts.max_new_tokens
-            room = self.max_context - len(x)  # never run past the position embeddings
-            rows.append(_Row(max_new_tokens=max(1, min(want, room)), stop=[s for s in (stop[i] if stop else opts.stop) if s],
-                             on_text=on_text[i] if on_text else None, cancel=cancel[i] if cancel else None))
+        rows = self._rows(ids, opts, on_text, cancel, max_new_tokens, stop)
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         device = self.model.device
@@ -328,3 +367,73 @@ class Engine:
             if row.finish_reason is None:
                 tracker.finish(row, "length")
         return [Completion(r.text, len(x), r.n_tokens, r.finish_reason) for r, x in zip(rows, ids)]
+
+
+class LlamaCppEngine(Engine):
+    """The same engine on a .gguf file through llama.cpp (llama-cpp-python): the same prompts
+    (toucan.prompts, then llama.cpp's tokenizer: [BOS] + tokens(prompt), equal to toucan's ids),
+    history truncation to the context (n_ctx), stop strings held back, UTF-8-safe streaming and
+    cancellation (the same _TextRows, fed llama.cpp's tokens), and the sampling options: greedy,
+    temperature, top_p, top_k, repetition_penalty, seed, min_new_tokens (llamacpp.sampler).
+    Not supported, refused with a ConfigError: num_beams > 1.
+
+    Concurrency: requests are queued, not batched. One llama.cpp context holds one sequence; the
+    lock serialises requests through it and a batch given to run() (toucan.serve.api's Batcher)
+    is decoded row after row. The KV cache of the previous request's common prefix is reused
+    (a chat's next turn only evaluates the new tokens)."""
+
+    def __init__(self, path, template: str | Template = DEFAULT_TEMPLATE, n_ctx: int = 0, threads: int = 0):
+        self.llm = llamacpp.load(path, n_ctx=n_ctx, threads=threads)
+        # free llama.cpp's model when the engine goes, and before interpreter shutdown (Llama.__del__
+        # then finds its ctypes bindings already torn down and prints a TypeError)
+        weakref.finalize(self, self.llm.close)
+        self.model, self.tokenizer = self.llm, None  # no transformers tokenizer: the .gguf is all it needs
+        self.template = get_template(template)
+        # llama.cpp rounds the context it allocates up (to 256): the model's own length is the limit
+        self.max_context = n_ctx or min(self.llm.n_ctx(), self.llm._model.n_ctx_train())
+        self.bos, self.eos = self.llm.token_bos(), self.llm.token_eos()
+        self.token_bytes = llamacpp.token_bytes_table(self.llm)
+        self.lock = threading.Lock()
+
+    def encode(self, prompt: str) -> list[int]:
+        # toucan.data's rule with llama.cpp's tokenizer: BOS, then the prompt's tokens (the
+        # SentencePiece dummy-prefix space included, as transformers' tokenizer adds it)
+        return [self.bos] + self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=False)
+
+    def run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
+            cancel: list | None = None, max_new_tokens: list[int] | None = None,
+            stop: list[Sequence[str]] | None = None) -> list[Completion]:
+        llamacpp.check_options(opts)
+        rows = self._rows(ids, opts, on_text, cancel, max_new_tokens, stop)
+        tracker = _TextRows(rows, self.eos, self.token_bytes.__getitem__)
+        with self.lock:
+            for row, x in zip(rows, ids):
+                self._decode(x, row, opts, tracker)
+        return [Completion(r.text, len(x), r.n_tokens, r.finish_reason) for r, x in zip(rows, ids)]
+
+    def _decode(self, x: list[int], row: _Row, opts: GenerationOptions, tracker: _TextRows) -> None:
+        llama_cpp = llamacpp.import_llama_cpp()
+        llm = self.llm
+        chain = llamacpp.sampler(llm, opts)
+        try:
+            for t in x:  # the repetition penalty sees the prompt too, as transformers' does
+                chain.accept(t)
+            # keep the KV cache of the prefix shared with what was evaluated last (at least one
+            # prompt token is evaluated again: sampling needs its logits)
+            keep = 0
+            for a, b in zip(llm.input_ids[: min(llm.n_tokens, len(x) - 1)].tolist(), x):
+                if a != b:
+                    break
+                keep += 1
+            llm.n_tokens = keep  # eval() drops the KV cache from here on
+            llm.eval(x[keep:])
+            min_new = min(opts.min_new_tokens, row.max_new_tokens)
+            while row.finish_reason is None:
+                if row.n_tokens < min_new:  # EOS suppressed until then, as transformers' min_new_tokens
+                    llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)[self.eos] = float("-inf")
+                token = chain.sample(llm._ctx, -1)  # samples and accepts it into the chain
+                tracker.feed(row, token)
+                if row.finish_reason is None:
+                    llm.eval([token])
+        finally:
+            chain.close()

@@ -74,7 +74,7 @@ def run_eval_generate(cfg: EvalGenerateConfig) -> int:
         print(f"{cfg.output}: all {len(items)} questions already answered")
         return 0
 
-    engine = Engine.from_dir(cfg.model, device=cfg.device, dtype=cfg.dtype, template=cfg.template)
+    engine = Engine.from_config(cfg)
     opts = generation_options(cfg)
     prompts = {i["id"]: build_prompt(i["question"], template=cfg.template) for i in todo}
     n_tokens = {k: engine.count_tokens(p) for k, p in prompts.items()}

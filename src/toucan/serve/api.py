@@ -374,7 +374,7 @@ def run_serve(cfg: ServeConfig) -> int:
     keys = api_keys_from(cfg)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         log.warning("serving on %s with no API key: anyone who can reach this port can use the model", cfg.host)
-    engine = Engine.from_dir(cfg.model, device=cfg.device, dtype=cfg.dtype, template=cfg.template)
+    engine = Engine.from_config(cfg)
     app = create_app(engine, cfg, keys)
     log.info("toucan serve: http://%s:%d/v1 (model %s, %s)", cfg.host, cfg.port,
              cfg.model_name or os.path.basename(os.path.normpath(cfg.model)),

@@ -67,7 +67,7 @@ def answer(engine: Engine, history, question: str, opts, out=sys.stdout) -> str:
 
 
 def run_chat(cfg: ChatConfig) -> int:
-    engine = Engine.from_dir(cfg.model, device=cfg.device, dtype=cfg.dtype, template=cfg.template)
+    engine = Engine.from_config(cfg)
     opts = options_from(cfg)
     if cfg.plain:
         question = sys.stdin.read().strip()

@@ -180,7 +180,7 @@ def build_app(engine: Engine, cfg: WebConfig):
 
 def run_web(cfg: WebConfig) -> int:
     auth = check_bind(cfg)
-    engine = Engine.from_dir(cfg.model, device=cfg.device, dtype=cfg.dtype, template=cfg.template)
+    engine = Engine.from_config(cfg)
     app = build_app(engine, cfg)
     if cfg.host not in LOOPBACK:
         log.warning("serving the chat page on %s (%s)", cfg.host, "with login" if auth else "NO LOGIN: --insecure")

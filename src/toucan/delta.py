@@ -50,7 +50,7 @@ from .delta_io import (DIGESTS, INT_OF_WIDTH, ST_NAME, ShardWriter, Weights, bit
                        is_contiguous_file, make_header, raw_bytes, sha256_tensor, st_dtype, tensors_in_file_order,
                        xxh3_tensor)
 from .errors import ConfigError, DeltaError
-from .fsutil import atomic_dir, sha256_file
+from .fsutil import atomic_dir, check_output, sha256_file
 from .manifest import read_manifest, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,10 @@ def _target_layout(target: Weights, max_size: int) -> tuple[list[dict], bytes | 
     return layout, (json.dumps(index, indent=2) + "\n").encode()
 
 
-def make_delta(base_dir, target_dir, delta_dir, max_shard_size: str = "2GB", config=None) -> dict:
+def make_delta(base_dir, target_dir, delta_dir, max_shard_size: str = "2GB", config=None,
+               overwrite: bool = False) -> dict:
+    inputs = [base_dir, target_dir]
+    check_output(delta_dir, overwrite=overwrite, inputs=inputs)
     base, target = Weights(base_dir), Weights(target_dir)
     plan, notes = _plan(base, target)
     max_size = parse_size(max_shard_size)
@@ -171,7 +174,7 @@ def make_delta(base_dir, target_dir, delta_dir, max_shard_size: str = "2GB", con
     file_sha = {e["file"]: hashlib.sha256(struct.pack("<Q", len(e["header"].encode())) + e["header"].encode())
                 for e in layout}
     file_of = {n: e["file"] for e in layout for n in e["tensors"]}
-    with atomic_dir(delta_dir) as tmp:
+    with atomic_dir(delta_dir, overwrite=overwrite, inputs=inputs) as tmp:
         copied = _copy_files(target.dir, tmp, keep_index=index is None)
         if index is not None:
             (tmp / "model.safetensors.index.json").write_bytes(index)
@@ -269,16 +272,19 @@ def _restore(name: str, p: dict, delta: Weights, base: Weights, buf: torch.Tenso
     return out.view(dtype)
 
 
-def apply_delta(base_dir, delta_dir, target_dir, config=None, verify_sha256: bool = False) -> None:
+def apply_delta(base_dir, delta_dir, target_dir, config=None, verify_sha256: bool = False,
+                overwrite: bool = False) -> None:
     """Restore the target. Base and restored tensors are checked against the xxh3-128 recorded
     beside each sha256 (same detection of accidental differences, ~7x faster to compute), or
     against the sha256 themselves with verify_sha256."""
     algo = "sha256" if verify_sha256 else "xxh3_128"
+    inputs = [base_dir, delta_dir]
+    check_output(target_dir, overwrite=overwrite, inputs=inputs)  # before hashing the whole base
     info = read_delta_info(delta_dir)
     delta = delta_weights(delta_dir)
     base = Weights(base_dir)
     check_base(base, info, algo)  # before anything is written
-    with atomic_dir(target_dir) as tmp, ThreadPoolExecutor(2) as hashers:
+    with atomic_dir(target_dir, overwrite=overwrite, inputs=inputs) as tmp, ThreadPoolExecutor(2) as hashers:
         copied = _copy_files(Path(delta_dir), tmp, keep_index=True)
         bad = [f for f in copied if f in info["target_files"] and sha256_file(tmp / f) != info["target_files"][f]]
         bad += [f for f in info["target_files"] if not (tmp / f).is_file() and f not in
@@ -347,7 +353,7 @@ def check_delta(base_dir, delta_dir, target_dir=None) -> list[tuple[str, str, st
 # commands
 
 def run_make_delta(cfg) -> int:
-    info = make_delta(cfg.base, cfg.model, cfg.output, cfg.max_shard_size, cfg)
+    info = make_delta(cfg.base, cfg.model, cfg.output, cfg.max_shard_size, cfg, overwrite=cfg.overwrite)
     print(f"{cfg.output}: delta of {len(info['tensors'])} tensors "
           f"({sum(p['base'] is None for p in info['tensors'].values())} stored as they are, "
           f"{sum(p['base_rows'] is not None for p in info['tensors'].values())} with new vocabulary rows)")
@@ -355,7 +361,7 @@ def run_make_delta(cfg) -> int:
 
 
 def run_apply_delta(cfg) -> int:
-    apply_delta(cfg.base, cfg.delta, cfg.output, cfg, verify_sha256=cfg.verify_sha256)
+    apply_delta(cfg.base, cfg.delta, cfg.output, cfg, verify_sha256=cfg.verify_sha256, overwrite=cfg.overwrite)
     print(f"{cfg.output}: restored and verified against {cfg.delta} "
           f"({'sha256' if cfg.verify_sha256 else 'xxh3-128'} of the base and of every restored tensor)")
     return 0

@@ -36,6 +36,10 @@ class ModelError(ToucanError):
     """A model directory that is missing, incomplete or of the wrong kind."""
 
 
+class OutputError(ToucanError):
+    """An output path that would replace something toucan did not write, or an input (see fsutil.check_output)."""
+
+
 class GgufError(ModelError):
     """A .gguf file that is not a complete GGUF model toucan can run (toucan.gguf_export.check_gguf)."""
 

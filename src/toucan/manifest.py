@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ManifestError
-from .fsutil import atomic_write_json, sha256_file
-
-MANIFEST = "toucan.json"
+from .fsutil import MANIFEST, atomic_write_json, sha256_file
 
 
 def _versions() -> dict[str, str]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..config import EvalGenerateConfig, GenerationOptions
 from ..errors import EvalError
-from ..fsutil import append_jsonl, sha256_file
+from ..fsutil import append_jsonl, check_output, sha256_file
 from ..prompts import build_prompt
 from .items import CLASSES, load_eval_set, read_records, repair_torn_tail
 
@@ -40,10 +40,30 @@ def _meta(cfg: EvalGenerateConfig, items: list[dict]) -> dict:
             "generation": dataclasses.asdict(generation_options(cfg))}
 
 
+def _is_answers_file(path: Path) -> bool:
+    """Whether `path` is an answers file of `toucan eval generate` (its first line is the answers
+    _meta record): only such a file is resumed, repaired or started over without --overwrite."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            line = f.readline()
+        if not line.endswith("\n"):  # torn while the first line was written (as _meta puts kind first)
+            return line.startswith('{"_meta": {"kind": "answers"')
+        first = json.loads(line)
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and isinstance(first.get("_meta"), dict) and first["_meta"].get("kind") == "answers"
+
+
 def _done_ids(cfg: EvalGenerateConfig, meta: dict) -> set[str]:
     """Ids already answered in an existing output (after checking it was made the same way)."""
     out = Path(cfg.output)
-    if not out.is_file() or out.stat().st_size == 0:
+    own = _is_answers_file(out)
+    # An answers file is resumed by design (or refused below when made another way): only some
+    # other file needs --overwrite; an input never.
+    check_output(out, overwrite=cfg.overwrite or own, inputs=[cfg.data, cfg.model], is_dir=False)
+    if not own:  # no file, an empty one, or another file that --overwrite allows replacing
         return set()
     repair_torn_tail(out)
     if out.stat().st_size == 0:  # killed while writing the first line
@@ -51,8 +71,11 @@ def _done_ids(cfg: EvalGenerateConfig, meta: dict) -> set[str]:
     old, answers = read_records(out, "answers")
     for key in ("model", "template", "eval_set_sha256", "generation"):
         if old.get(key) != meta[key]:
+            if cfg.overwrite:
+                log.warning("%s was made with a different %s: starting it over (--overwrite)", out, key)
+                return set()
             raise EvalError(f"{out} was made with a different {key} ({old.get(key)!r}, now {meta[key]!r}); "
-                            "write to a new --output (or delete it) instead of mixing answers")
+                            "write to a new --output (or pass --overwrite to start it over) instead of mixing answers")
     return {a["id"] for a in answers}
 
 

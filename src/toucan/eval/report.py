@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import EvalReportConfig
 from ..errors import EvalError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, check_output
 from .items import CLASSES, read_records
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,21 @@ def build_report(score_files: list[str]) -> tuple[list[dict], str, str]:
     return summaries, table, "\n".join(md)
 
 
+# A report directory holds no toucan.json; report.json is how a later run knows it as its own.
+REPORT_MARKER = "report.json"
+
+
 def run_eval_report(cfg: EvalReportConfig) -> int:
+    # The scores files are inputs, so --output can be neither one of them nor a folder holding one
+    # (that folder usually also holds the answers and the paid judge cache).
+    inputs = list(cfg.scores)
+    check_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs, markers=(REPORT_MARKER,))
     summaries, table, md = build_report(cfg.scores)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(COLUMNS)
     w.writerows([[("" if v is None else (round(v, 4) if isinstance(v, float) else v)) for v in _row(s)] for s in summaries])
-    with atomic_dir(cfg.output) as d:
+    with atomic_dir(cfg.output, overwrite=cfg.overwrite, inputs=inputs, markers=(REPORT_MARKER,)) as d:
         (d / "report.md").write_text(md, encoding="utf-8")
         (d / "table.md").write_text(table, encoding="utf-8")
         (d / "table.csv").write_text(buf.getvalue(), encoding="utf-8")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ModelError
+from .prompts import chat_template
+from .tokenizer import finish_tokenizer_dir, sentencepiece_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,10 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     p = Path(path)
-    if p.is_file() and p.suffix == ".model":
-        with tempfile.TemporaryDirectory() as d:
-            shutil.copy(p, Path(d) / "tokenizer.model")
-            tok = AutoTokenizer.from_pretrained(d)
+    if p.is_file() and p.suffix == ".model" or p.is_dir() and (p / "tokenizer.model").is_file():
+        # SentencePiece's own segmentation in training and serving alike (see toucan.tokenizer); it
+        # builds toucan's class, so no code from the folder runs whatever tokenizer_config.json says
+        tok = sentencepiece_tokenizer(p)
     elif p.is_dir():
         try:
             tok = AutoTokenizer.from_pretrained(str(p))
@@ -78,6 +80,7 @@ def load_tokenizer(path: str | os.PathLike):
         raise ModelError(f"{path}: tokenizer has no BOS/EOS token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    tok.chat_template = chat_template()  # toucan prompts with prompts.build_prompt, whatever the folder says
     return tok
 
 
@@ -110,6 +113,7 @@ def save_model_dir(out_dir: str | os.PathLike, model=None, tokenizer=None, *, co
             model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            finish_tokenizer_dir(tmp)  # the chat template into tokenizer_config.json
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         write_manifest(tmp, command, config, inputs, extra=manifest_extra)

@@ -5,30 +5,26 @@ Chinese-LLaMA appended every piece of a Chinese SentencePiece model that LLaMA l
 model's order, with score 0, giving 49,953 pieces (scripts/merge_tokenizer/merge_tokenizers.py).
 We do the same on sentencepiece's own ModelProto, then write a directory transformers loads:
 
-  tokenizer.model        the merged SentencePiece model (the "slow" tokenizer reads it)
-  tokenizer.json         the fast (tokenizers) equivalent
-  tokenizer_config.json  special tokens, and which class AutoTokenizer should build
+  tokenizer.model        the merged SentencePiece model
+  tokenizer_config.json  special tokens, the chat template, and the class AutoTokenizer builds
+                         (transformers' SentencePieceBackend: SentencePiece itself)
   toucan.json            manifest (inputs' sha256, piece counts)
 
-Slow and fast must give the same ids. In transformers 5.24 `LlamaTokenizer` is the fast one and
-rebuilds its pipeline from scratch on every load with a Metaspace pre-tokenizer that does not
-prepend "▁" when a text already starts with a space, so " 你好" gets other ids than SentencePiece
-gives (which always adds the dummy prefix). LLaMA and Chinese-LLaMA were trained with the
-SentencePiece behaviour ("legacy"), so tokenizer.json carries the legacy pipeline that
-transformers' own LlamaConverter emits for legacy=True (Prepend "▁", spaces -> "▁", no
-pre-tokenizer) and tokenizer_config.json names the generic TokenizersBackend, which loads
-tokenizer.json as written. (LlamaConverter itself cannot be used: its BPE branch calls
-SentencePieceExtractor.extract with the wrong arguments in 5.24.) The SentencePiece-backed
-("slow") tokenizer is `transformers.tokenization_utils_sentencepiece.SentencePieceBackend`;
-`load_slow_tokenizer` builds it from the same directory; it equals SentencePiece exactly.
+Segmentation is SentencePiece's, everywhere: in training, serving (toucan.modeling.load_tokenizer
+returns `sentencepiece_tokenizer` for every directory or file with a tokenizer.model), in the
+tokenizer files toucan writes (no tokenizer.json: AutoTokenizer builds SentencePieceBackend) and
+in GGUF files (llama.cpp's "llama" tokenizer follows SentencePiece). Chinese-LLaMA was pre-trained
+with SentencePiece, so a model fine-tuned by toucan sees its text cut up the same way.
 
-A limit no tokenizer.json can remove: the appended pieces all score 0 (Chinese-LLaMA's recipe).
-SentencePiece's BPE applies the highest-scoring merge and breaks ties by position (leftmost
-first); tokenizers' BPE ranks every merge uniquely. So where two appended pieces compete
-("说是|指" vs "说|是指") the fast tokenizer can pick the other, equally valid split: both decode to
-the same text, and the token counts differ by ~0.05% on alpaca_zh_demo, but 812 of its 2,139
-texts get different ids (tests/test_tokenizer.py). Short texts, including the acceptance
-sentence, agree. Train and serve with the same one (toucan.modeling.load_tokenizer, the fast one).
+Why not a tokenizer.json (the "fast" tokenizers library): the appended pieces all score 0
+(Chinese-LLaMA's recipe). SentencePiece's BPE applies the highest-scoring merge and breaks ties
+by position (leftmost first); tokenizers' BPE ranks every merge uniquely, and no fixed ranking can
+reproduce a tie-break that depends on where in the text the pairs are. Measured on the 1,000
+alpaca_zh_demo records (instruction + input + output) with the extended tokenizer: transformers'
+own SentencePiece -> BPE conversion, loaded with AutoTokenizer, segments 685 of them differently
+from SentencePiece; SentencePieceBackend segments 0 differently, at 0.26 s vs 0.18 s for all
+1,000 (tests/test_tokenizer.py, tests/test_gguf.py). transformers 5's fast `LlamaTokenizer` also
+rebuilds a Metaspace pipeline on load that tokenizes a leading space unlike SentencePiece.
 """
 
 from __future__ import annotations
@@ -41,10 +37,10 @@ from .errors import DataError
 
 log = logging.getLogger(__name__)
 
-# Written into tokenizer_config.json; read by both the fast and the slow class. BOS is added by the
-# fast post-processor and by the slow class's "bos" special-tokens pattern; EOS is not (LLaMA's).
+# Written into tokenizer_config.json (AutoTokenizer then builds SentencePieceBackend). BOS is added
+# by the class's "bos" special-tokens pattern; EOS is not (LLaMA's).
 TOKENIZER_CONFIG = {
-    "tokenizer_class": "TokenizersBackend",
+    "tokenizer_class": "SentencePieceBackend",
     "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
     "add_bos_token": True, "add_eos_token": False,
     "legacy": True,  # SentencePiece's own whitespace handling (see the module docstring)
@@ -87,43 +83,71 @@ def merge_models(base, add) -> int:
     return n
 
 
-def sentencepiece_normalizer(spec):
-    """A tokenizers normalizer doing what SentencePiece's NormalizerSpec does before BPE: the
-    precompiled character map (empty for LLaMA: identity), extra-whitespace removal, the dummy "▁"
-    prefix, spaces -> "▁". For LLaMA this is transformers' own legacy Llama normalizer."""
-    from tokenizers import Regex, normalizers
+def _sentencepiece_class():
+    """transformers' SentencePieceBackend (encoding = SentencePiece's own) with SentencePiece's own
+    decoding: transformers 5.24's joins pieces as text, so byte pieces come out as "<0x0A>"."""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
-    if spec.remove_extra_whitespaces:
-        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
-    if spec.add_dummy_prefix:
-        steps.append(normalizers.Prepend("▁"))
-    return normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    class SentencePieceTokenizer(SentencePieceBackend):
+        def convert_tokens_to_string(self, tokens: list[str]) -> str:
+            out, run = [], []
+            for t in tokens:  # special tokens are not pieces SentencePiece would decode
+                if t in self.all_special_tokens:
+                    out.append(self.sp_model.decode_pieces(run) + t if run else t)
+                    run = []
+                else:
+                    run.append(t)
+            return "".join(out) + (self.sp_model.decode_pieces(run) if run else "")
+
+    return SentencePieceTokenizer
 
 
-def write_fast_tokenizer(directory: Path, proto) -> None:
-    """Write tokenizer.json for the tokenizer.model in `directory`: transformers' own SentencePiece
-    -> BPE conversion (vocab, score-ordered merges, byte fallback), with SentencePiece's own
-    normalization (see the module docstring)."""
-    from tokenizers import processors
-    from transformers import LlamaTokenizer
+def sentencepiece_tokenizer(path: str | Path):
+    """A transformers tokenizer that is SentencePiece: for a tokenizer.model file, or a directory
+    holding one (its tokenizer_config.json's added tokens and pad token are kept). BOS/EOS/UNK are
+    the model's own pieces; BOS is added, EOS is not; the chat template is toucan's."""
+    from .prompts import chat_template
 
-    converted = LlamaTokenizer.from_pretrained(str(directory), legacy=True).backend_tokenizer
-    converted.normalizer = sentencepiece_normalizer(proto.normalizer_spec)
-    converted.pre_tokenizer = None
-    bos = TOKENIZER_CONFIG["bos_token"]
-    bos_id = converted.token_to_id(bos)
-    assert bos_id is not None, f"{bos} missing from the merged vocabulary"
-    converted.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    converted.save(str(directory / "tokenizer.json"))
+    p = Path(path)
+    model = p if p.is_file() else p / "tokenizer.model"
+    ts = read_model_proto(model).trainer_spec
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+
+    def piece(i: int) -> str | None:
+        return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
+
+    kw = dict(bos_token=piece(ts.bos_id), eos_token=piece(ts.eos_id), unk_token=piece(ts.unk_id),
+              add_bos_token=True, add_eos_token=False, legacy=True, special_tokens_pattern="bos",
+              clean_up_tokenization_spaces=False)
+    cls = _sentencepiece_class()
+    try:
+        tok = cls(vocab_file=str(model), **kw) if p.is_file() else cls.from_pretrained(str(p), **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"cannot load as a SentencePiece tokenizer ({e})", file=str(model)) from None
+    tok.chat_template = chat_template()
+    return tok
+
+
+def finish_tokenizer_dir(directory: str | Path) -> None:
+    """After a tokenizer's save_pretrained: put toucan's chat template into tokenizer_config.json
+    (transformers 5 writes it to chat_template.jinja only; servers and older tools read the config),
+    and name transformers' SentencePieceBackend (not toucan's subclass) as the class to build."""
+    from .prompts import chat_template
+
+    f = Path(directory) / "tokenizer_config.json"
+    cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    cfg["chat_template"] = chat_template()
+    if cfg.get("tokenizer_class") == "SentencePieceTokenizer":
+        cfg["tokenizer_class"] = "SentencePieceBackend"
+    f.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def load_slow_tokenizer(directory: str | Path):
-    """The SentencePiece-backed ("slow") tokenizer of a directory written by `extend`."""
-    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
-
-    return SentencePieceBackend.from_pretrained(str(directory))
+    """The SentencePiece-backed tokenizer of a directory (the same as toucan.modeling.load_tokenizer
+    gives for any directory with a tokenizer.model)."""
+    return sentencepiece_tokenizer(directory)
 
 
 def extend(base: str | Path, add: str | Path, output: str | Path, config=None) -> dict:
@@ -139,7 +163,7 @@ def extend(base: str | Path, add: str | Path, output: str | Path, config=None) -
     with atomic_dir(output) as tmp:
         (tmp / "tokenizer.model").write_bytes(base_proto.SerializeToString())
         (tmp / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-        write_fast_tokenizer(tmp, base_proto)
+        finish_tokenizer_dir(tmp)
         write_manifest(tmp, "tokenizer extend", config, inputs=[base, add], extra={"tokenizer": stats})
     log.info("%s: %d pieces (%d from %s + %d appended from %s)", output, stats["pieces"], n_base,
              base, n_added, add)

@@ -210,7 +210,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, inputs: Itera
     (A SIGKILL leaves only a `.name.tmp-PID-HOST-*` directory, which no loader mistakes for a model
     and the next atomic_dir of the same target removes.) An existing `target` is replaced only as
     check_output allows (`overwrite`, `inputs`, `markers`), checked before and after the work."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "out/" or "a/.." must name the folder itself
     markers = tuple(markers)
     check_output(target, overwrite=overwrite, inputs=inputs, markers=markers)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,16 @@ def opt(default: Any = None, help: str = "", *aliases: str, positional: bool = F
     return field(default=default, metadata=meta)
 
 
+# The two safety switches (README "Security"): one help text each, the same in every command.
+OVERWRITE_HELP = ("replace an existing output, but only one that toucan wrote (never an input, "
+                  "the working directory or a folder without toucan's manifest)")
+TRUST_REMOTE_CODE_HELP = ("run Python code from the model folder (auto_map in config.json or "
+                          "tokenizer_config.json); without it such folders are refused")
+# Every command that takes --model also takes a LoRA adapter directory (toucan.modeling.load_adapter).
+BASE_HELP = ("base model directory for a LoRA adapter given as --model "
+             "(default: the one recorded in its adapter_config.json)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation settings shared by chat, web, serve and eval. The original demo's sliders were
 # temperature 0.5, top-p 0.75, top-k 40, beams 4, repetition penalty 1.2, 512 new tokens; beams=4
@@ -54,6 +64,7 @@ class ModelOptions:
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
     dtype: str = opt("auto", "auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
     threads: int = opt(0, "CPU threads for generation (0 = llama.cpp: the physical cores; transformers: torch's default)")
     n_ctx: int = opt(0, "context length in tokens (0 = the model's: config.json max_position_embeddings, "
                         "or the .gguf's context length); longer conversations drop their oldest turns")
@@ -80,6 +91,8 @@ class DataConfig:
     skip_bad: bool = opt(False, "skip malformed records (reported with file and line) instead of failing")
     stats: bool = opt(False, "print a report: records, token-length percentiles, how many get truncated")
     output: Optional[str] = opt(None, "write the cleaned records as JSON Lines here")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +139,8 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = opt(None, "checkpoint directory, or 'auto' for the latest complete one in OUTPUT-checkpoints/")
     skip_bad: bool = opt(False, "skip malformed data records instead of failing")
     report_to: str = opt("none", "where the Trainer reports (none, tensorboard, wandb)")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
     extra_args: list[str] = opt([], "further HF TrainingArguments flags, passed through")
 
 
@@ -133,9 +148,13 @@ class TrainConfig:
 class MergeLoraConfig:
     """Merge a LoRA adapter into its base model, writing a full model directory."""
 
-    base: str = opt(None, "base model directory the adapter was trained on", required=True)
-    adapter: str = opt(None, "LoRA adapter directory (a `toucan train --finetuning_type lora` output)", required=True)
+    model: str = opt(None, "LoRA adapter directory (a `toucan train --finetuning-type lora` output)", "--adapter",
+                     required=True)
+    base: Optional[str] = opt(None, "base model directory the adapter was trained on "
+                                    "(default: the one recorded in its adapter_config.json)")
     output: str = opt(None, "where the merged model directory goes", "--output_dir", "--output-dir", required=True)
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +164,9 @@ class MergeLoraConfig:
 class ChatConfig(GenerationOptions, ModelOptions):
     """Chat with a model in the terminal (streaming, multi-turn)."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit), or a .gguf file (runs on llama.cpp)", required=True)
+    model: str = opt(None, "model directory (full precision or 4-bit), a LoRA adapter directory, or a .gguf file "
+                           "(runs on llama.cpp)", required=True)
+    base: Optional[str] = opt(None, BASE_HELP)
     plain: bool = opt(False, "non-interactive: read the prompt from stdin, write the answer to stdout")
 
 
@@ -156,12 +177,17 @@ class ChatConfig(GenerationOptions, ModelOptions):
 class WebConfig(GenerationOptions, ModelOptions):
     """Gradio chat page: streaming, multi-turn, sliders, regenerate/stop/clear (binds 127.0.0.1)."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit), or a .gguf file (runs on llama.cpp)", required=True)
+    model: str = opt(None, "model directory (full precision or 4-bit), a LoRA adapter directory, or a .gguf file "
+                           "(runs on llama.cpp)", required=True)
+    base: Optional[str] = opt(None, BASE_HELP)
     host: str = opt("127.0.0.1", "address to bind; anything but loopback needs --auth or --insecure")
     port: int = opt(7860, "port")
-    auth: Optional[str] = opt(None, "user:pass, or a file with one user:pass per line")
+    auth: Optional[str] = opt(None, "user:pass, or a file with one user:pass per line (also TOUCAN_WEB_AUTH: "
+                                    "user:pass lines, so passwords need not show in ps)")
     insecure: bool = opt(False, "allow a non-loopback --host without --auth (anyone on the network can use it)")
     concurrency: int = opt(4, "chat requests Gradio runs at once (they share the model lock)")
+    login_attempts: int = opt(5, "failed logins from one client address before it is locked out")
+    login_lockout: float = opt(60.0, "seconds a client is refused (429) after too many failed logins")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,10 +197,18 @@ class WebConfig(GenerationOptions, ModelOptions):
 class ServeConfig(ModelOptions):
     """OpenAI-compatible API server (FastAPI + uvicorn): /v1/models, /v1/chat/completions, /v1/completions."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit), or a .gguf file (runs on llama.cpp)", required=True)
+    model: str = opt(None, "model directory (full precision or 4-bit), a LoRA adapter directory, or a .gguf file "
+                           "(runs on llama.cpp)", required=True)
+    base: Optional[str] = opt(None, BASE_HELP)
     host: str = opt("127.0.0.1", "address to bind")
     port: int = opt(8000, "port")
     api_key: list[str] = opt([], "accepted API keys (also TOUCAN_API_KEYS, comma-separated); none = no auth")
+    api_key_file: Optional[str] = opt(None, "file with accepted API keys, one per line (keeps them out of ps)")
+    insecure: bool = opt(False, "allow a non-loopback --host without any API key (anyone on the network can use it)")
+    allowed_hosts: list[str] = opt([], "Host header values accepted besides localhost/127.0.0.1/[::1] with the port "
+                                       "(DNS-rebinding defence; '*' accepts any)")
+    max_request_bytes: int = opt(1 << 20, "largest request body; bigger ones get 413 before they are read")
+    max_tokens_limit: int = opt(0, "most tokens one request may generate (a larger max_tokens is lowered; 0 = no limit)")
     model_name: Optional[str] = opt(None, "model id reported by /v1/models (default: the directory name)")
     max_tokens: int = opt(512, "default max_tokens when a request gives none")
     repetition_penalty: float = opt(1.0, "default repetition penalty (a request may send repetition_penalty)")
@@ -217,10 +251,13 @@ class DemoConfig:
 class EvalGenerateConfig(GenerationOptions, ModelOptions):
     """Answer every eval-set question with a model (batched, resumable)."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit), or a .gguf file (runs on llama.cpp)", required=True)
+    model: str = opt(None, "model directory (full precision or 4-bit), a LoRA adapter directory, or a .gguf file "
+                           "(runs on llama.cpp)", required=True)
+    base: Optional[str] = opt(None, BASE_HELP)
     data: str = opt(None, "BELLE eval set: JSON Lines (or array) of {question, class, std_answer}",
                     "--eval-set", "--eval_set", required=True)
     output: str = opt(None, "answers file (JSON Lines); an existing one is resumed", required=True)
+    overwrite: bool = opt(False, "start an existing answers file of other settings over (never an input)")
     model_name: Optional[str] = opt(None, "name shown in the report (default: the model directory's name)")
     batch_size: int = opt(8, "questions per generate call")
     limit: Optional[int] = opt(None, "answer only the first N questions (quick runs)")
@@ -235,6 +272,7 @@ class EvalJudgeConfig:
 
     data: str = opt(None, "answers file written by `toucan eval generate`", "--answers", required=True)
     output: str = opt(None, "scores file (JSON Lines)", required=True)
+    overwrite: bool = opt(False, OVERWRITE_HELP)
     prompts: Optional[str] = opt(None, "BELLE eval_prompt.json (judge prompt per class; needed by the LLM judge)")
     judge: str = opt("llm", "llm: an OpenAI-compatible judge; reference: offline character ROUGE-L "
                             "against std_answer (NOT comparable with LLM-judge scores)", choices=["llm", "reference"])
@@ -245,8 +283,11 @@ class EvalJudgeConfig:
     temperature: float = opt(0.0, "judge sampling temperature (BELLE: 0)")
     max_tokens: Optional[int] = opt(None, "cap on each judge reply's tokens (default: the endpoint's)")
     concurrency: int = opt(8, "judge requests in flight at once")
-    retries: int = opt(6, "retries per request on 429, 5xx, timeouts and connection errors (exponential backoff)")
+    retries: int = opt(6, "retries per request on 429, 5xx, timeouts, connection errors and malformed replies "
+                          "(exponential backoff)")
     timeout: float = opt(120.0, "seconds before one judge request times out (then retried)")
+    max_consecutive_failures: int = opt(5, "stop the run (writing the scores so far, exit non-zero) after this "
+                                           "many judge requests in a row fail after their retries; 0: never")
     out_of_range: str = opt("reject", "a parsed score outside 0..1: reject (counted as a parse failure) or clamp",
                             choices=["reject", "clamp"])
     cache: Optional[str] = opt(None, "judge cache (JSON Lines) keyed by (judge model, message); "
@@ -260,6 +301,7 @@ class EvalReportConfig:
     scores: list[str] = opt([], "scores files written by `toucan eval judge` (one per model)",
                             positional=True, required=True, metavar="SCORES")
     output: str = opt(None, "report directory (written atomically)", required=True)
+    overwrite: bool = opt(False, OVERWRITE_HELP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +315,7 @@ class TokenizerExtendConfig:
     add: str = opt(None, "SentencePiece .model whose missing pieces are appended (score 0, in its order)",
                    required=True)
     output: str = opt(None, "tokenizer directory to write (atomically)", required=True)
+    overwrite: bool = opt(False, OVERWRITE_HELP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +339,7 @@ class MakeDeltaConfig(DeltaBase):
     output: str = opt(None, "delta directory to write (atomically)", "--delta", "--delta-path", "--delta_path",
                       required=True)
     max_shard_size: str = opt("2GB", "largest delta shard file (e.g. 500MB, 2GB)")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
 
 
 @dataclass
@@ -307,6 +351,7 @@ class ApplyDeltaConfig(DeltaBase):
                       "--target_model_path", required=True)
     verify_sha256: bool = opt(False, "check base and result with the recorded sha256 instead of the "
                                      "xxh3-128 beside it (same detection, several times slower)")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
 
 
 @dataclass
@@ -325,7 +370,9 @@ class CheckDeltaConfig(DeltaBase):
 class QuantizeConfig:
     """Quantize a model to 2/3/4/8 bits (GPTQ or RTN) in the standard GPTQ checkpoint format."""
 
-    model: str = opt(None, "full-precision model directory", required=True)
+    model: str = opt(None, "full-precision model directory, or a LoRA adapter directory (merged into its "
+                           "base first, in memory)", required=True)
+    base: Optional[str] = opt(None, BASE_HELP)
     output: str = opt(None, "quantized model directory to write (atomically)", required=True)
     method: str = opt("gptq", "gptq (calibrated, error-compensating) or rtn (round to nearest)",
                       choices=["gptq", "rtn"])
@@ -343,13 +390,18 @@ class QuantizeConfig:
     damp_percent: float = opt(0.05, "GPTQ Hessian dampening, as a fraction of its mean diagonal")
     seed: int = opt(0, "seed for picking calibration samples")
     device: str = opt("auto", "device that runs the quantization: cpu, cuda, cuda:N, or auto")
+    keep_sparsity: Optional[bool] = opt(None, "keep every zero weight zero (mask-aware GPTQ, natural column "
+                                              "order); default: on for a model made by `toucan prune`")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
 
 
 @dataclass
 class PplConfig:
     """Perplexity on plain text or on instruction responses; with --reference, also KL(reference || model)."""
 
-    model: str = opt(None, "model directory (full precision or quantized)", required=True)
+    model: str = opt(None, "model directory (full precision or quantized), or a LoRA adapter directory", required=True)
+    base: Optional[str] = opt(None, BASE_HELP)
     data: str = opt(None, "plain .txt, or instruction JSON/JSONL (only response tokens are scored)",
                     required=True)
     reference: Optional[str] = opt(None, "reference model directory for the mean per-token KL(reference || model)")
@@ -360,6 +412,40 @@ class PplConfig:
     template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction data", choices=sorted(TEMPLATES))
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
     output: Optional[str] = opt(None, "also write the result as JSON here")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
+
+
+# ----------------------------------------------------------------------------------------------
+# toucan prune  (see toucan/prune.py)
+
+@dataclass
+class PruneConfig:
+    """Prune a model's decoder layers (magnitude, Wanda, SparseGPT; unstructured or N:M), zeros stored."""
+
+    model: str = opt(None, "full-precision model directory", required=True)
+    output: str = opt(None, "pruned model directory to write (atomically)", required=True)
+    method: str = opt("wanda", "magnitude (|W|, no data), wanda (|W| x input norm, per output row) or "
+                               "sparsegpt (Hessian-based mask and weight update)",
+                      choices=["magnitude", "wanda", "sparsegpt"])
+    sparsity: Optional[float] = opt(None, "fraction of each layer's weights to zero, in (0, 1); "
+                                          "0.5 when neither this nor --pattern is given")
+    pattern: Optional[str] = opt(None, "N:M semi-structured: at most N non-zero of every M consecutive "
+                                       "input weights (2:4 is what GPU sparse kernels run)", metavar="N:M")
+    data: Optional[str] = opt(None, "calibration data: instruction JSON/JSONL (rendered with the prompt "
+                                    "template) or plain .txt (needed by wanda and sparsegpt)")
+    calib_samples: int = opt(128, "calibration sequences (both papers use 128)")
+    max_len: int = opt(512, "tokens per calibration sequence")
+    template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction calibration data",
+                        choices=sorted(TEMPLATES))
+    damp_percent: float = opt(0.01, "SparseGPT Hessian dampening, as a fraction of its mean diagonal")
+    blocksize: int = opt(128, "SparseGPT columns per block (the mask of a block is chosen together)")
+    seed: int = opt(0, "seed for picking calibration samples")
+    device: str = opt("auto", "device that runs the pruning: cpu, cuda, cuda:N, or auto")
+    dtype: str = opt("auto", "dtype the model runs in while pruning (statistics are fp32 regardless)",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    overwrite: bool = opt(False, OVERWRITE_HELP)
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -142,6 +142,51 @@ def test_tiny_tokenizer_ids_and_chat_template(exported, tiny_tok):
     assert fmt(messages=msgs).prompt == chat_prompt(msgs)
 
 
+def test_user_defined_pieces_round_trip_through_the_gguf(tmp_path):
+    """A tokenizer like the demo's (the prompt template's fixed strings as user-defined pieces,
+    dummy prefix on): llama.cpp's own tokenizer adds a space after each user-defined token, so the
+    GGUF carries the SentencePiece model and toucan's llama.cpp backend tokenizes with it."""
+    import io
+
+    from toucan.demo import _special_pieces
+    from toucan.gguf_export import gguf_tokenizer
+    from toucan.prompts import build_prompt
+
+    lines = ["机器学习是人工智能的一个分支。深度学习模型需要大量数据。", "abcdefghijklmnopqrstuvwxyz ABC 0123456789 Hello hello"] * 50
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=600, model_type="bpe", character_coverage=1.0,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        user_defined_symbols=_special_pieces("alpaca"), hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    save_model_dir(tmp_path / "m", tiny_llama(len(tok), tokenizer=tok, hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=1, intermediate_size=64), tok, command="test")
+    f = tmp_path / "m.gguf"
+    assert export_gguf(tmp_path / "m", f, "f16")["tokenizer"]["user_defined"] == 6
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    texts = [build_prompt("机器学习是什么？"), build_prompt("深度学习", input="数据 hello"),
+             chat_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}])] + MIXED
+    g = gguf_tokenizer(f)
+    assert [g(t, add_special_tokens=False).input_ids for t in texts] == [sp.encode(t) for t in texts]
+    assert gguf_tokenizer(foreign_gguf(tmp_path)) is None
+
+
+def foreign_gguf(tmp_path):
+    """A GGUF without toucan's metadata (written here by the gguf package alone)."""
+    import gguf
+
+    w = gguf.GGUFWriter(tmp_path / "other.gguf", "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tmp_path / "other.gguf"
+
+
 @pytest.mark.slow
 def test_chinese_llama_vocabulary_49953_over_49954_rows(tmp_path):
     """The extended Chinese-LLaMA tokenizer (49,953 pieces) on a 49,954-row embedding (hidden 32):
@@ -304,6 +349,7 @@ def test_bad_input_one_line_errors_nothing_left(tiny_model_dir, tmp_path, capsys
     # an existing file is not replaced without --overwrite, nor a file toucan did not write
     out.write_bytes(b"keep")
     _fails(capsys, base + ["--model", str(tiny_model_dir)], "exists", "--overwrite")
+    _fails(capsys, ["export", "gguf", "--model", str(tiny_model_dir), "--output", str(tiny_model_dir), "--overwrite"], ".gguf")
     _fails(capsys, base + ["--model", str(tiny_model_dir), "--overwrite"], "not written by toucan")
     assert out.read_bytes() == b"keep"
 

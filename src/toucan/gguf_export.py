@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import GGUF_TYPES
-from .errors import ConfigError, GgufError, ModelError
+from . import fsutil
+from .errors import ConfigError, GgufError, ModelError, OutputError
 from .fsutil import atomic_write_json, sha256_file
 from .prompts import chat_template
 
@@ -244,6 +245,7 @@ def gptq_q4_0_blocks(src: Source, base: str, perm=None):
 # it and llama.cpp's "llama" tokenizer follows it)
 
 SP_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+SP_MODEL_KEY = "toucan.tokenizer.sentencepiece_model"  # the tokenizer.model bytes (uint8 array)
 
 
 @dataclass
@@ -259,6 +261,8 @@ class Vocab:
     add_space_prefix: bool
     remove_extra_whitespaces: bool
     byte_fallback: bool
+    model_bytes: bytes
+    user_defined: int
 
 
 def read_vocab(src: Source) -> Vocab:
@@ -275,7 +279,9 @@ def read_vocab(src: Source) -> Vocab:
     if n > src.n_vocab:
         raise ModelError(f"{path}: {n} pieces but model.embed_tokens.weight has only {src.n_vocab} rows "
                          "(vocabulary larger than the embedding: wrong tokenizer for this model?)")
-    tokens = [p.piece for p in proto.pieces]
+    # User-defined pieces are matched in the raw text by llama.cpp (before spaces become "▁"), so
+    # they are written with spaces, as llama.cpp's converter writes user-defined tokens.
+    tokens = [p.piece.replace("\u2581", " ") if p.type == 4 else p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
     # Rows beyond the pieces (Chinese-LLaMA: 49,953 pieces, 49,954 rows) get placeholder tokens no
@@ -288,13 +294,18 @@ def read_vocab(src: Source) -> Vocab:
     pad = src.config.get("pad_token_id")
     if not isinstance(pad, int) or not 0 <= pad < src.n_vocab:
         pad = ts.pad_id if ts.pad_id >= 0 else ts.unk_id  # toucan pads with unk (modeling.load_tokenizer)
+    if any(p.type == 4 for p in proto.pieces) and proto.normalizer_spec.add_dummy_prefix:
+        log.warning("%s: user-defined pieces with a dummy prefix: llama.cpp's own tokenizer puts a space "
+                    "after each of them, SentencePiece does not; toucan's llama.cpp backend tokenizes with "
+                    "the SentencePiece model stored in the GGUF instead", path)
     if proto.normalizer_spec.precompiled_charsmap:
         log.warning("%s: the SentencePiece model normalizes text (a precompiled charsmap); llama.cpp's "
                     "tokenizer does not, so non-normalized input may tokenize differently", path)
     return Vocab(tokens, scores, types, bos=ts.bos_id, eos=ts.eos_id, unk=ts.unk_id, pad=pad, n_pieces=n,
                  add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix),
                  remove_extra_whitespaces=bool(proto.normalizer_spec.remove_extra_whitespaces),
-                 byte_fallback=bool(ts.byte_fallback))
+                 byte_fallback=bool(ts.byte_fallback), model_bytes=path.read_bytes(),
+                 user_defined=sum(p.type == 4 for p in proto.pieces))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,13 +373,21 @@ def _metadata(w, src: Source, vocab: Vocab, gtype: str, template: str, name: str
     w.add_add_space_prefix(vocab.add_space_prefix)
     w.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
     w.add_chat_template(chat_template(template))
+    # The SentencePiece model itself, so toucan's llama.cpp backend tokenizes exactly as training did
+    # (gguf_tokenizer) where llama.cpp's tokenizer cannot: SentencePiece matches user-defined pieces
+    # after normalization and adds no "▁" after them, llama.cpp prefixes a space after every
+    # user-defined token; and it keeps spaces that remove_extra_whitespaces strips.
+    w.add_key_value(SP_MODEL_KEY, vocab.model_bytes, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT8)
 
 
 @contextlib.contextmanager
 def _temp_beside(path: Path):
-    """A temporary file name beside `path`, removed unless the caller renamed it."""
+    """A temporary file beside `path` (same disk, so the rename is atomic), removed unless the caller
+    renamed it. Named like fsutil's temporaries (writer pid + host), so the next run removes one a
+    killed run left (fsutil.remove_stale_temps)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fsutil.remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{fsutil._owner()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -380,14 +399,8 @@ def _temp_beside(path: Path):
 def _publish(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the result a plain file's mode
+    fsutil._publish_mode(tmp, is_dir=False)  # mkstemp makes 0600: give the result a plain file's mode
     os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -395,18 +408,17 @@ def manifest_path(path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".toucan.json")
 
 
-def check_output_path(output: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_path(output: str | os.PathLike, overwrite: bool, model: str | os.PathLike) -> Path:
+    """The output file, after fsutil's output guard (an existing file only with --overwrite, never an
+    input or a directory) and one more rule: an existing .gguf is replaced only if toucan export
+    wrote it (its manifest is beside it)."""
     out = Path(output)
     if out.suffix != ".gguf":
         raise ConfigError(f"--output {output}: the file name must end in .gguf")
-    if out.is_dir():
-        raise ConfigError(f"--output {output} is a directory: give a file name")
-    if out.exists():
-        if not overwrite:
-            raise ConfigError(f"--output {output} exists: pass --overwrite to replace it")
-        if not manifest_path(out).is_file():
-            raise ConfigError(f"--output {output} exists and was not written by toucan export "
-                              f"(no {manifest_path(out).name} beside it): not replacing it")
+    fsutil.check_output(out, overwrite=overwrite, inputs=[model], is_dir=False)
+    if out.exists() and not manifest_path(out).is_file():
+        raise OutputError(f"output {output} was not written by toucan export (no {manifest_path(out).name} "
+                          "beside it): refusing to replace it, even with --overwrite")
     return out
 
 
@@ -475,7 +487,7 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, gtype: str 
 
     if gtype not in TYPES:
         raise ConfigError(f"--type {gtype!r}: choose one of {', '.join(TYPES)}")
-    out = check_output_path(output, overwrite)
+    out = check_output_path(output, overwrite, model)
     t0 = time.time()
     src = read_source(model)
     vocab = read_vocab(src)
@@ -517,6 +529,7 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, gtype: str 
         "gptq": src.gptq and {k: src.gptq.get(k) for k in ("bits", "group_size", "sym", "desc_act",
                                                           "checkpoint_format")},
         "tokenizer": {"pieces": vocab.n_pieces, "rows": src.n_vocab, "padding_rows": src.n_vocab - vocab.n_pieces,
+                      "user_defined": vocab.user_defined, "remove_extra_whitespaces": vocab.remove_extra_whitespaces,
                       "bos": vocab.bos, "eos": vocab.eos, "unk": vocab.unk, "pad": vocab.pad,
                       "byte_fallback": vocab.byte_fallback, "add_space_prefix": vocab.add_space_prefix},
         "chat_template": template,
@@ -609,6 +622,25 @@ def check_gguf(path: str | os.PathLike) -> dict:
     return {"architecture": arch, "n_vocab": n_vocab, "n_tensors": len(r.tensors),
             "file_type": int(ft.contents()) if ft is not None else None,
             "chat_template": str(tmpl.contents()) if tmpl is not None else None}
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """The SentencePiece tokenizer stored in a GGUF toucan exported (toucan.tokenizer's
+    SentencePiece-backed transformers tokenizer), or None for a GGUF from elsewhere."""
+    import gguf
+
+    from .tokenizer import sentencepiece_tokenizer
+
+    field = gguf.GGUFReader(path).fields.get(SP_MODEL_KEY)
+    if field is None:
+        return None
+    import numpy as np
+
+    data = np.concatenate([field.parts[i] for i in field.data]).astype(np.uint8).tobytes()
+    with tempfile.TemporaryDirectory(prefix="toucan-gguf-tok-") as d:
+        model = Path(d) / "tokenizer.model"
+        model.write_bytes(data)
+        return sentencepiece_tokenizer(model)  # the model is read into memory: the file may go
 
 
 def run_export_gguf(cfg) -> int:

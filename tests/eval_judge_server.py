@@ -7,7 +7,9 @@ message text, and counts every message it receives and every message it answers.
 Control (JSON to POST /admin/config): {"budget": N} answers N messages, then holds every further
 request open without answering (until the budget is raised or the client goes away), so a test can
 SIGKILL the judge at a known point; {"fail_first": K, "fail_status": 429} makes the next K tries of
-each message fail with that status. GET /admin/counts returns the counts per message hash.
+each message fail with that status; {"bad_reply": MODE, "bad_first": K, "bad_share": 0.5} answers the
+first K tries of a share of the messages (chosen by their hash) with a malformed 200 reply, MODE
+one of BAD_REPLIES (K large: always). GET /admin/counts returns the counts per message hash.
 """
 
 import argparse
@@ -16,7 +18,7 @@ import hashlib
 from collections import Counter
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 # Reply forms seen from real judges: {s} is the score as a decimal, {t} in tenths (0..10).
 FORMS = [
@@ -43,9 +45,29 @@ def reply_for(message: str) -> tuple[str, float | None]:
     return text, tenth / 10
 
 
+# Malformed replies a broken proxy, a captive portal or a buggy server send with status 200.
+BAD_REPLIES = {
+    "html": ("<html><body><h1>Service temporarily unavailable</h1></body></html>", "text/html"),
+    "broken_json": ('{"id": "cmpl-1", "choices": [{"message": {"content": "得分', "application/json"),
+    "empty_object": ("{}", "application/json"),
+    "no_choices": ('{"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "m", "choices": []}',
+                   "application/json"),
+    "not_object": ('["choices"]', "application/json"),
+    "content_number": ('{"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": '
+                       '[{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": 7}}]}',
+                       "application/json"),
+}
+
+
+def in_share(key: str, share: float) -> bool:
+    """Whether a message (by its sha256 hex) is in the `share` of messages that get bad replies."""
+    return int(key[:8], 16) / 0xFFFFFFFF < share
+
+
 def make_app():
     app = FastAPI()
-    state = {"budget": None, "fail_first": 0, "fail_status": 500}
+    state = {"budget": None, "fail_first": 0, "fail_status": 500, "bad_reply": None, "bad_first": 0,
+             "bad_share": 1.0}
     received: Counter = Counter()
     answered: Counter = Counter()
     failed: Counter = Counter()  # scripted failures per message since the last /admin/config
@@ -75,6 +97,10 @@ def make_app():
             failed[key] += 1
             return JSONResponse({"error": {"message": "scripted failure", "type": "server_error"}},
                                 status_code=state["fail_status"])
+        if state["bad_reply"] and in_share(key, state["bad_share"]) and failed[key] < state["bad_first"]:
+            failed[key] += 1
+            body, media_type = BAD_REPLIES[state["bad_reply"]]
+            return Response(body, status_code=200, media_type=media_type)
         while state["budget"] is not None and sum(answered.values()) >= state["budget"]:
             if await request.is_disconnected():
                 return JSONResponse({"error": {"message": "client gone"}}, status_code=499)

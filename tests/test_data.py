@@ -112,15 +112,31 @@ json_values = st.recursive(
     max_leaves=10)
 
 
+def _check_error(e: DataError, path):
+    """One line that starts with the file, and names the line unless the whole file is the problem."""
+    assert isinstance(e, DataError), repr(e)
+    assert e.file == str(path) and str(e).startswith(str(path)) and "\n" not in str(e), str(e)
+    assert e.line is not None or e.message in ("empty file (no records)",), str(e)
+    if e.line is not None:
+        assert f"line {e.line}" in str(e)
+    if e.field is not None:
+        assert f"field '{e.field}'" in str(e)
+
+
 def _check_loader(path):
     try:
         for rec in iter_records(path):
             assert isinstance(rec, Record) and rec.output.strip() and rec.line is not None
     except DataError as e:
-        assert e.file == str(path) and e.line is not None, str(e)
-        assert str(path) in str(e) and f"line {e.line}" in str(e)
-        if e.field is not None:
-            assert f"field '{e.field}'" in str(e)
+        _check_error(e, path)
+    bad = []  # with skip_bad every skipped record's error has the same form
+    try:
+        for rec in iter_records(path, skip_bad=True, bad=bad):
+            assert isinstance(rec, Record)
+    except DataError as e:
+        _check_error(e, path)
+    for e in bad:
+        _check_error(e, path)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -145,6 +161,87 @@ def test_property_random_bytes(tmp_path, data):
     p = tmp_path / "b.jsonl"
     p.write_bytes(data)
     _check_loader(p)
+
+
+# Whole files, then damaged the ways real files are: cut anywhere (a full disk, a killed export),
+# random bytes spliced in, an integer past Python's int-string limit (ValueError, not a
+# JSONDecodeError, inside json), nesting deep enough for json's RecursionError.
+good_record = st.fixed_dictionaries(
+    {"instruction": st.text(min_size=1, max_size=10), "output": st.text(min_size=1, max_size=10)},
+    optional={"input": st.text(max_size=5), "history": st.lists(st.lists(st.text(max_size=3), min_size=2, max_size=2),
+                                                                max_size=2)})
+damage = st.one_of(
+    st.tuples(st.just("cut"), st.integers(0, 10_000)),
+    st.tuples(st.just("bytes"), st.integers(0, 10_000), st.binary(min_size=1, max_size=20)),
+    st.tuples(st.just("huge"), st.integers(0, 10_000), st.integers(4_301, 6_000)),
+    st.tuples(st.just("deep"), st.integers(0, 10_000), st.integers(500, 50_000), st.sampled_from(["[", '{"a":'])),
+    st.tuples(st.just("none")))
+
+
+def _damage(data: bytes, how) -> bytes:
+    if how[0] == "none":
+        return data
+    at = how[1] % (len(data) + 1)
+    if how[0] == "cut":
+        return data[:at]
+    if how[0] == "bytes":
+        return data[:at] + how[2] + data[at:]
+    if how[0] == "huge":
+        return data[:at] + b"9" * how[2] + data[at:]
+    return data[:at] + how[3].encode() * how[2] + data[at:]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=st.lists(good_record | json_values, max_size=6), as_array=st.booleans(), indent=st.sampled_from([None, 1]),
+       hows=st.lists(damage, min_size=1, max_size=3))
+def test_property_whole_files_damaged(tmp_path, records, as_array, indent, hows):
+    if as_array:
+        data = json.dumps(records, ensure_ascii=False, indent=indent).encode("utf-8")
+    else:
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    for how in hows:
+        data = _damage(data, how)
+    p = tmp_path / "whole.json"
+    p.write_bytes(data)
+    _check_loader(p)
+    try:  # and through what `toucan data` / `toucan train` call
+        load_dataset_spec([str(p)], skip_bad=True)
+    except DataError as e:
+        _check_error(e, p)
+
+
+def test_huge_numbers_deep_nesting_and_empty_files_are_one_line_errors(tmp_path, capsys):
+    ok = '{"instruction": "a", "output": "b"}'
+    cases = {  # file text -> what follows the file name in the one-line error
+        "huge.jsonl": (ok + '\n{"instruction": "a", "output": "b", "n": ' + "7" * 5000 + "}\n",
+                       ", line 2: invalid JSON (an integer of more than 4300 digits)"),
+        "huge.json": ("[" + ok + ',\n {"instruction": "a", "n": ' + "7" * 5000 + "}]",
+                      ", line 2, record 1: invalid JSON (an integer of more than 4300 digits)"),
+        "deep.jsonl": (ok + "\n" + '{"a": ' * 100_000 + "\n", ", line 2: invalid JSON (nested too deeply)"),
+        "deep.json": ("[" + ok + ",\n" + "[" * 100_000, ", line 2, record 1: invalid JSON (nested too deeply)"),
+        "empty.jsonl": ("", ": empty file (no records)"),
+        "blank.json": ("\n  \n", ": empty file (no records)"),
+        "syntax.json": ("[\n" + ok + ",\n" + ok + ',\n{"instruction": "e" "output": "f"}\n]',
+                        ", line 4, record 2: invalid JSON (Expecting ',' delimiter)"),
+        "after.json": ("[" + ok + " " + ok + "]", ", line 1, record 0: invalid JSON (expected ',' or ']' after this record)"),
+    }
+    for name, (text, tail) in cases.items():
+        p = tmp_path / name
+        p.write_text(text, encoding="utf-8")
+        with pytest.raises(DataError) as e:
+            list(iter_records(p))
+        assert str(e.value) == f"{p}{tail}", name
+        assert cli.main(["data", str(p)]) == 2, name
+        assert capsys.readouterr().err == f"toucan data: error: {p}{tail}\n", name
+
+
+def test_data_output_that_is_a_directory_is_refused_first(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", recs(3))
+    (tmp_path / "out").mkdir()
+    assert cli.main(["data", str(a), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"toucan data: error: --output {tmp_path / 'out'} is a directory: give the path of the JSON Lines file to write\n"
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 # -- specs, sampling, dedup, shuffling ------------------------------------------------------------
@@ -226,3 +323,26 @@ def test_cli_output_writes_cleaned_jsonl(tmp_path, capsys):
     assert set(rows[0]) == {"instruction", "input", "output"}
     assert "wrote 10 records" in capsys.readouterr().out
     assert cli.main(["data", str(a), "--drop_too_long"]) == 2  # needs a tokenizer to count tokens
+
+
+def test_huge_record_is_cut_before_tokenizing_with_the_same_result(tiny_tok, tmp_path, capsys):
+    """A multi-MB record: only what can be kept is tokenized (cut in characters first), the kept
+    tokens are exactly those of tokenizing it whole, and the cut is reported."""
+    from toucan.data import CUT_MARGIN, chars_per_token
+
+    rng = random.Random(1)
+    huge = "".join(rng.choice("你好世界，谢谢。abc xyz 123\n") for _ in range(2_000_000))
+    records = [Record(instruction="写长文", output=huge), Record(instruction=huge, output="好"),
+               Record(instruction="短", output="答案")]
+    kept, enc, rep = encode_records(tiny_tok, records, 64)
+    whole = [encode_record(tiny_tok, r, 64) for r in records]  # one call per record, nothing cut
+    assert whole[1] is None and kept == [records[0], records[2]]  # the huge prompt leaves no room, both ways
+    assert [(e.input_ids, e.labels, e.truncated) for e in enc] == [
+        (e.input_ids, e.labels, e.truncated) for e in whole if e is not None]
+    assert rep.cut_before_tokenizing == 2 and rep.cut_chars == chars_per_token(tiny_tok) * (64 + CUT_MARGIN)
+    assert rep.truncated == 1 and rep.dropped_no_room == 1 and min(rep.lengths[:2]) > 64
+
+    p = write_jsonl(tmp_path / "huge.jsonl", [{"instruction": "写长文", "output": huge}, {"instruction": "短", "output": "答"}])
+    assert cli.main(["data", str(p), "--tokenizer", "tests/fixtures/tiny_tokenizer", "--max-len", "64", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert f"cut before tokenizing (over {rep.cut_chars} characters, far beyond max_len): 1 record(s)" in out

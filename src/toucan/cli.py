@@ -166,21 +166,131 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config_file(path: str) -> dict:
-    text = open(path, encoding="utf-8").read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    """The mapping in a --config file; a missing, unreadable or malformed file is one ConfigError
+    naming the file (and the line where the parser knows it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
 
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.MarkedYAMLError as e:
+                mark = e.problem_mark or e.context_mark
+                line = f", line {mark.line + 1}" if mark else ""
+                raise ConfigError(f"--config {path}{line}: invalid YAML ({e.problem or e.context})") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--config {path}: invalid YAML ({' '.join(str(e).split())})") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--config {path}, line {e.lineno}: invalid JSON ({e.msg})") from None
+            except ValueError as e:  # an integer beyond Python's int-string digit limit
+                raise ConfigError(f"--config {path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested too deeply") from None
+    if data is None:  # an empty file: no defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def config_value(f: dataclasses.Field, tp: Any, value: Any, where: str) -> Any:
+    """A --config value for field f, by the command line's rules: what argparse would make of the
+    same text is what the file may hold (max_len: "512" -> 512, like --max-len 512; a YAML 1e-5,
+    which PyYAML reads as a string, -> 1e-05), anything else is a ConfigError naming the option.
+    Booleans must be true/false (the command line has --x/--no-x, no text to convert)."""
+    inner, _ = _unwrap(tp)
+    if value is None:  # null: keep the default
+        return None
+    if typing.get_origin(inner) is list:
+        elem = typing.get_args(inner)[0]
+        items = value if isinstance(value, list) else [value]  # like `--data a.json`: a list of one
+        return [_scalar(f, elem, v, where) for v in items]
+    return _scalar(f, inner, value, where)
+
+
+def _scalar(f: dataclasses.Field, tp: Any, v: Any, where: str) -> Any:
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, tp.__name__)
+
+    def bad():
+        shown = json.dumps(v, ensure_ascii=False, default=str)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return ConfigError(f"{where}: option '{f.name}' must be {want}, got {type(v).__name__} {shown}")
+
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise bad()
+        return v
+    if isinstance(v, bool) or isinstance(v, (dict, list)):  # YAML yes/no/on/off or a structure
+        raise bad()
+    if tp is float and isinstance(v, int):
+        out = float(v)
+    elif isinstance(v, tp):
+        out = v
+    elif isinstance(v, str) or (tp is str and isinstance(v, (int, float))):
+        try:
+            out = tp(v) if tp is not str else str(v)  # the type argparse applies to a flag's text
+        except (TypeError, ValueError):
+            raise bad() from None
+    else:  # e.g. 2.5 for an integer option: `--x 2.5` fails too
+        raise bad()
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise ConfigError(f"{where}: option '{f.name}' must be one of {', '.join(map(str, choices))}, got {out!r}")
+    return out
+
+
+# Third-party loggers that talk on every run about things a user cannot act on: torchao's
+# "Failed to load ... _C_mxfp8 ... .so" (a wheel built for another Python) and "Detected no
+# triton", torch's _pytree deprecations (torchao registering enums), DeepSpeed's "Setting
+# accelerator to CPU", and the INFO of httpx/openai (one line per judge HTTP request). At the
+# default level they only show errors; -v shows them all.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed", "httpx", "httpcore", "openai", "tokenicer")
+
+
+def _only_errors(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """The default level shows toucan's own progress and results, plus other libraries' warnings
+    except the known noise above; -v shows every library's INFO, -vv DEBUG; -q warnings only."""
+    import warnings
+
     # Distributed runs log on rank 0 only; other ranks keep warnings and errors.
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
     level = logging.WARNING if quiet or rank != 0 else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("toucan").setLevel(level)
+    everything = verbose > 0 and not quiet
+    # other libraries' INFO (tokenizer fix-ups, HTTP requests, ...) only with -v
+    logging.getLogger().setLevel(level if everything else logging.WARNING)
+    for name in NOISY_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.NOTSET if everything else logging.ERROR)
+        # and a filter, because some (DeepSpeed's) set their own level again when imported
+        lg.removeFilter(_only_errors)
+        if not everything:
+            lg.addFilter(_only_errors)
+    # GPTQModel logs through LogBar (the "logbar" logger), which sets its own level back to INFO
+    # when gptqmodel is imported (by us or by transformers' GPTQ loader), so a level set here would
+    # be undone; the stdlib's `disabled` switch it leaves alone. Its banner, ENV lines and per-layer
+    # tables are GPTQModel's, not ours; toucan reports what was quantized itself.
+    logging.getLogger("logbar").disabled = not everything
+    if not everything:
+        # Python warnings (FutureWarning, DeprecationWarning, ...) raised by other packages
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"toucan(\.|$)")
 
 
 def run_command(name: str, cfg: Any) -> int:
@@ -208,12 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             defaults = _load_config_file(ns.config)
             # a key is a field name or any of its flag spellings without "--" (model_name_or_path)
             known = {a[2:].replace("-", "_"): f.name for f in dataclasses.fields(cls) for a in flag_names(f)}
-            unknown = {k for k in defaults if k.replace("-", "_") not in known}
+            unknown = {str(k) for k in defaults if str(k).replace("-", "_") not in known}
             if unknown:
                 raise ConfigError(f"{ns.config}: unknown option(s) for '{name}': {', '.join(sorted(unknown))}")
-            for k, v in defaults.items():  # flags given on the command line win over the file
-                if getattr(ns, known[k.replace("-", "_")], None) is None:
-                    setattr(ns, known[k.replace("-", "_")], v)
+            fields, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+            for k, v in defaults.items():
+                dest = known[k.replace("-", "_")]
+                v = config_value(fields[dest], hints[dest], v, f"--config {ns.config}")  # checked even if unused
+                # flags given on the command line win over the file ([]: an unfilled positional list)
+                if getattr(ns, dest, None) in (None, []):
+                    setattr(ns, dest, v)
         missing = [f.name if f.metadata.get("positional") else flag_names(f)[0] for f in dataclasses.fields(cls)
                    if f.metadata.get("required") and getattr(ns, f.name, None) in (None, [])]
         if missing:

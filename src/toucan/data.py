@@ -369,16 +369,47 @@ def encode_record(tokenizer, rec: Record, max_len: int, template: str = DEFAULT_
 
 BATCH = 1000
 
+# A text far longer than max_len is cut, in characters, before it is tokenized: one 50 MB answer
+# otherwise costs ~70 s and ~10 GB in the tokenizer for tokens that are all thrown away. The cut
+# keeps chars_per_token * (need + CUT_MARGIN) characters, where chars_per_token is the longest
+# piece in the vocabulary: no token covers more characters than its piece, so the cut text still
+# gives at least need + CUT_MARGIN tokens. Only the last few of them can differ from the full
+# text's (a merge across the cut); the CUT_MARGIN spare tokens keep that away from anything an
+# example keeps. A cut text that still gives fewer than need + CUT_MARGIN tokens (a normalizer
+# folding many characters into one) is tokenized again in full, so the result never depends on the cut.
+CUT_MARGIN = 64
 
-def token_lengths(tokenizer, records: Sequence[Record], template: str = DEFAULT_TEMPLATE
-                  ) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, response ids) per record, without BOS/EOS, tokenized in batches."""
-    prompts, responses = [], []
+
+def chars_per_token(tokenizer) -> int:
+    """The longest vocabulary piece, in characters (byte pieces like <0xE4> over-count: harmless)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max([len(p) for p in pieces if p] + [4])
+
+
+def _tokenize(tokenizer, texts: list[str], cut_at: int | None, need: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each text (no BOS/EOS) and the positions of the texts that were cut."""
+    ids = tokenizer([t[:cut_at] for t in texts] if cut_at else texts, add_special_tokens=False)["input_ids"]
+    cut = [j for j, t in enumerate(texts) if cut_at and len(t) > cut_at]
+    for j in [j for j in cut if len(ids[j]) < need + CUT_MARGIN]:
+        ids[j] = encode_text(tokenizer, texts[j])  # the cut was too tight for this text: no cut
+        cut.remove(j)
+    return ids, cut
+
+
+def token_lengths(tokenizer, records: Sequence[Record], template: str = DEFAULT_TEMPLATE,
+                  cut_at: int | None = None, need: int = 0) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(prompt ids, response ids) per record, without BOS/EOS, tokenized in batches, and the indices
+    of the records whose prompt or response was cut to `cut_at` characters before tokenizing
+    because only their first `need` tokens can matter (see CUT_MARGIN; cut_at=None: no cut)."""
+    prompts, responses, cut = [], [], set()
     for i in range(0, len(records), BATCH):
         chunk = records[i:i + BATCH]
-        prompts += tokenizer([record_prompt(r, template) for r in chunk], add_special_tokens=False)["input_ids"]
-        responses += tokenizer([r.output for r in chunk], add_special_tokens=False)["input_ids"]
-    return prompts, responses
+        p, cut_p = _tokenize(tokenizer, [record_prompt(r, template) for r in chunk], cut_at, need)
+        r, cut_r = _tokenize(tokenizer, [r.output for r in chunk], cut_at, need)
+        prompts += p
+        responses += r
+        cut.update(i + j for j in cut_p + cut_r)
+    return prompts, responses, sorted(cut)
 
 
 @dataclass
@@ -386,6 +417,8 @@ class LengthReport:
     max_len: int
     lengths: list[int] = field(default_factory=list)   # full example length (BOS..EOS), before truncation
     truncated: int = 0            # longer than max_len: response cut, EOS lost
+    cut_chars: int | None = None  # texts longer than this many characters were cut before tokenizing
+    cut_before_tokenizing: int = 0  # records so long they were cut: their length is a lower bound (> max_len)
     dropped_too_long: int = 0     # dropped with drop_too_long
     dropped_no_room: int = 0      # prompt alone fills max_len
     dropped_short: int = 0        # response shorter than min_response_tokens
@@ -416,7 +449,15 @@ def encode_records(tokenizer, records: Sequence[Record], max_len: int, template:
     Returns (kept records, their Encoded examples, report); `report.lengths` covers every input."""
     rep = LengthReport(max_len=max_len)
     kept, enc = [], []
-    for rec, p, r in zip(records, *token_lengths(tokenizer, records, template)):
+    # no example keeps more than max_len tokens; min_response_tokens may count beyond that
+    need = max(max_len, min_response_tokens)
+    rep.cut_chars = chars_per_token(tokenizer) * (need + CUT_MARGIN)
+    prompts, responses, cut = token_lengths(tokenizer, records, template, rep.cut_chars, need)
+    rep.cut_before_tokenizing = len(cut)
+    if cut:
+        log.info("%d record(s) longer than %d characters were cut to that before tokenizing (only their "
+                 "first %d tokens can be kept)", len(cut), rep.cut_chars, max_len)
+    for rec, p, r in zip(records, prompts, responses):
         n = 1 + len(p) + len(r) + 1
         rep.lengths.append(n)
         if len(r) < min_response_tokens:
@@ -450,6 +491,8 @@ def run_data(cfg) -> int:
         raise ConfigError(f"--max_len must be at least 2 (BOS + EOS), got {cfg.max_len}")
     if cfg.drop_too_long and not cfg.tokenizer:
         raise ConfigError("--drop_too_long needs --tokenizer (lengths are counted in tokens)")
+    if cfg.output and Path(cfg.output).is_dir():  # checked before the work, not by a traceback after it
+        raise ConfigError(f"--output {cfg.output} is a directory: give the path of the JSON Lines file to write")
     records, report = load_dataset_spec(cfg.data, seed=cfg.seed, shuffle=cfg.shuffle,
                                         dedup=cfg.dedup, skip_bad=cfg.skip_bad)
     lengths = None
@@ -494,4 +537,7 @@ def format_stats(s: dict) -> str:
                  f"({L['truncated']} truncated, {L['dropped_too_long']} dropped); "
                  f"no room for a response: {L['dropped_no_room']}; "
                  f"response under min tokens: {L['dropped_short']}")
+    if L.get("cut_before_tokenizing"):
+        lines.append(f"cut before tokenizing (over {L['cut_chars']} characters, far beyond max_len): "
+                     f"{L['cut_before_tokenizing']} record(s); their lengths above count only up to the cut")
     return "\n".join(lines)

@@ -15,7 +15,11 @@ connection errors with exponential backoff and jitter (and honours Retry-After),
 its max_retries. Requests run on a thread pool of --concurrency workers (the sync client is
 thread-safe). Errors that retrying cannot fix (bad key, unknown model, endpoint unreachable) stop
 the run with an EvalError; an item that still fails after its retries is recorded as "error",
-counted as missing in the report, and retried on the next run.
+counted as missing in the report, and retried on the next run. A malformed 200 reply (an HTML page,
+broken JSON, {}, no choices), which the client does not retry, is retried here on the same
+schedule and then counts as such a failure. After --max-consecutive-failures failures in a row
+(a dead or hanging judge) nothing more is sent: the scores so far are written, the summary
+printed, and the run ends with an EvalError.
 """
 
 from __future__ import annotations
@@ -78,14 +82,43 @@ def _client(cfg: EvalJudgeConfig):
     return OpenAI(base_url=cfg.judge_url, api_key=key, max_retries=cfg.retries, timeout=cfg.timeout)
 
 
+class MalformedReply(Exception):
+    """A 200 reply that is not a chat completion (an HTML page, broken JSON, {}, no choices): the
+    openai client hands such bodies back as they are (a str, a list, a model with None fields)."""
+
+
 def _ask(client, cfg: EvalJudgeConfig, message: str) -> tuple[str, dict | None]:
     kw = {"max_tokens": cfg.max_tokens} if cfg.max_tokens else {}
-    r = client.chat.completions.create(model=cfg.judge_model, temperature=cfg.temperature,
-                                       messages=[{"role": "user", "content": message}], **kw)
-    usage = None
-    if r.usage is not None:
-        usage = {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}
-    return r.choices[0].message.content or "", usage
+    try:
+        r = client.chat.completions.create(model=cfg.judge_model, temperature=cfg.temperature,
+                                           messages=[{"role": "user", "content": message}], **kw)
+    except ValueError as e:  # json.JSONDecodeError: a body announced as JSON that is not
+        raise MalformedReply(f"reply is not valid JSON ({e})") from None
+    return _completion_content(r)
+
+
+def _completion_content(r) -> tuple[str, dict | None]:
+    """(reply text, usage) of a chat completion, or MalformedReply saying what is wrong with it."""
+    if isinstance(r, (str, bytes, list, dict)) or r is None:
+        shown = " ".join(str(r).split())[:80]
+        raise MalformedReply(f"reply is not a chat completion ({type(r).__name__}: {shown!r})")
+    choices = getattr(r, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise MalformedReply(f"reply has no choices (choices={choices!r})")
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    if content is not None and not isinstance(content, str):
+        raise MalformedReply(f"reply content is {type(content).__name__}, not text")
+    usage, u = None, getattr(r, "usage", None)
+    if u is not None:
+        usage = {k: v if isinstance(v := getattr(u, k, None), int) else 0  # a sloppy server's null: 0
+                 for k in ("prompt_tokens", "completion_tokens")}
+    return content or "", usage
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before re-asking after a malformed reply: the openai client's own schedule
+    (0.5 s doubling, at most 8 s), which it applies to 429/5xx but not to a 200 it cannot read."""
+    return min(0.5 * 2 ** attempt, 8.0)
 
 
 def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) -> tuple[list, list, dict]:
@@ -103,34 +136,61 @@ def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) 
         client = _client(cfg)
 
         def work(k: str) -> None:
-            reply, usage = _ask(client, cfg, todo[k])
+            for attempt in range(cfg.retries + 1):
+                try:
+                    reply, usage = _ask(client, cfg, todo[k])
+                    break
+                except MalformedReply:
+                    if attempt == cfg.retries or stop.is_set():
+                        raise
+                    stop.wait(_backoff(attempt))
             cache.put(k, cfg.judge_model, reply, usage)
 
+        stop = threading.Event()  # set after too many failures in a row: no new requests
+        in_a_row = 0
         pool = cf.ThreadPoolExecutor(max_workers=max(1, cfg.concurrency), thread_name_prefix="judge")
         try:
             futures = {pool.submit(work, k): k for k in todo}
             for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="judge", unit="msg"):
                 k = futures[fut]
+                if fut.cancelled():
+                    errors[k] = f"not asked: {spend['stopped']}"
+                    continue
+                err = None
                 try:
                     fut.result()
                 except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
                     raise EvalError(f"judge {cfg.judge_model} at {cfg.judge_url or 'the default endpoint'}: {e}") from None
                 except openai.APITimeoutError as e:
-                    errors[k] = f"timeout after {cfg.retries} retries: {e}"
-                    continue
+                    err = f"timeout after {cfg.retries} retries: {e}"
                 except openai.APIConnectionError as e:
                     raise EvalError(f"cannot reach the judge at {cfg.judge_url or 'the default endpoint'} "
                                     f"after {cfg.retries} retries: {e}") from None
                 except openai.APIError as e:
-                    errors[k] = f"{type(e).__name__}: {e}"
+                    err = f"{type(e).__name__}: {e}"
+                except MalformedReply as e:
+                    err = f"malformed reply after {cfg.retries} retries: {e}"
+                if err is not None:
+                    errors[k] = err
+                    in_a_row += 1
+                    if cfg.max_consecutive_failures and in_a_row >= cfg.max_consecutive_failures \
+                            and not stop.is_set():
+                        # a dead or hanging judge would otherwise cost (retries + 1) x timeout per item
+                        stop.set()
+                        spend["stopped"] = (f"stopped after {in_a_row} judge requests in a row failed "
+                                            f"(last: {' '.join(err.split())[:200]})")
+                        for f in futures:  # what has not started is never sent; what is in flight ends
+                            f.cancel()
                     continue
+                in_a_row = 0
                 spend["calls"] += 1
                 usage = cache.get(k)["usage"] or {}
                 spend["prompt_tokens"] += usage.get("prompt_tokens") or 0
                 spend["completion_tokens"] += usage.get("completion_tokens") or 0
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    spend["failed"] = len(errors)
+    spend["failed"] = sum(not e.startswith("not asked") for e in errors.values())
+    spend.setdefault("stopped", None)
     return [cache.get(k) for k in keys], [errors.get(k) for k in keys], spend
 
 
@@ -187,6 +247,11 @@ def run_eval_judge(cfg: EvalJudgeConfig) -> int:
               f"({spend['cache_hits']} answered from the cache); "
               f"tokens spent this run: {spend['prompt_tokens']} prompt + {spend['completion_tokens']} completion; "
               f"all replies in this table: {spend['tokens_of_all_replies']} tokens")
+    if spend is not None and spend["stopped"]:
+        # after the summary and the scores file, so nothing already paid for is lost
+        raise EvalError(f"{spend['stopped']}; {len(scored) - counts.get('error', 0)} of {len(scored)} answers "
+                        f"scored in {cfg.output}; check the judge, then run the same command again to resume "
+                        f"(--max-consecutive-failures {cfg.max_consecutive_failures})")
     if counts.get("error"):
         print(f"{counts['error']} item(s) failed after retries; run the same command again to retry only them")
         return 1

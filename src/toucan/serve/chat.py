@@ -66,11 +66,22 @@ def answer(engine: Engine, history, question: str, opts, out=sys.stdout) -> str:
     return "".join(parts)
 
 
+def read_plain_question(stream) -> str:
+    """All of stdin as one question, decoded as UTF-8 here (not by the locale's text layer) so bad
+    bytes are one clear error naming where they start, not a UnicodeDecodeError traceback."""
+    raw = stream.read()
+    try:
+        return raw.decode("utf-8").lstrip("\ufeff").strip()
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"--plain: stdin is not UTF-8 text (byte {e.start}, line {line})") from None
+
+
 def run_chat(cfg: ChatConfig) -> int:
     engine = Engine.from_config(cfg)
     opts = options_from(cfg)
     if cfg.plain:
-        question = sys.stdin.read().strip()
+        question = read_plain_question(sys.stdin.buffer)
         if not question:
             raise ConfigError("--plain: no question on stdin")
         answer(engine, [], question, opts)

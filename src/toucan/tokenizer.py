@@ -150,8 +150,9 @@ def load_slow_tokenizer(directory: str | Path):
     return sentencepiece_tokenizer(directory)
 
 
-def extend(base: str | Path, add: str | Path, output: str | Path, config=None) -> dict:
-    """Merge `add` into `base` and write the tokenizer directory `output` atomically."""
+def extend(base: str | Path, add: str | Path, output: str | Path, config=None, overwrite: bool = False) -> dict:
+    """Merge `add` into `base` and write the tokenizer directory `output` atomically (an existing
+    one only with `overwrite`, and only one toucan wrote: fsutil.check_output)."""
     from .fsutil import atomic_dir
     from .manifest import write_manifest
 
@@ -160,7 +161,7 @@ def extend(base: str | Path, add: str | Path, output: str | Path, config=None) -
     n_added = merge_models(base_proto, add_proto)
     stats = {"base_pieces": n_base, "add_pieces": len(add_proto.pieces), "appended": n_added,
              "pieces": len(base_proto.pieces)}
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, overwrite=overwrite, inputs=[base, add]) as tmp:
         (tmp / "tokenizer.model").write_bytes(base_proto.SerializeToString())
         (tmp / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
         finish_tokenizer_dir(tmp)
@@ -172,7 +173,7 @@ def extend(base: str | Path, add: str | Path, output: str | Path, config=None) -
 
 def run_extend(cfg) -> int:
     """`toucan tokenizer extend --base BASE.model --add ADD.model --output DIR`."""
-    stats = extend(cfg.base, cfg.add, cfg.output, cfg)
+    stats = extend(cfg.base, cfg.add, cfg.output, cfg, overwrite=cfg.overwrite)
     print(f"{cfg.output}: {stats['pieces']} pieces ({stats['base_pieces']} base + {stats['appended']} "
           f"appended of {stats['add_pieces']} in {Path(cfg.add).name})")
     return 0

@@ -493,13 +493,18 @@ def run_data(cfg) -> int:
         raise ConfigError("--drop_too_long needs --tokenizer (lengths are counted in tokens)")
     if cfg.output and Path(cfg.output).is_dir():  # checked before the work, not by a traceback after it
         raise ConfigError(f"--output {cfg.output} is a directory: give the path of the JSON Lines file to write")
+    if cfg.output:  # an existing file only with --overwrite, and never one of the inputs
+        from .fsutil import check_output
+
+        check_output(cfg.output, overwrite=cfg.overwrite, is_dir=False,
+                     inputs=[parse_spec(s)[0] for s in cfg.data] + [cfg.tokenizer])
     records, report = load_dataset_spec(cfg.data, seed=cfg.seed, shuffle=cfg.shuffle,
                                         dedup=cfg.dedup, skip_bad=cfg.skip_bad)
     lengths = None
     if cfg.tokenizer:
         from .modeling import load_tokenizer
 
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
         records, _, lengths = encode_records(tok, records, cfg.max_len, cfg.template,
                                              cfg.drop_too_long, cfg.min_response_tokens)
     summary = report.to_dict()

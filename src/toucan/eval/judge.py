@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..config import EvalJudgeConfig
 from ..errors import EvalError
-from ..fsutil import append_jsonl, atomic_write_text, read_jsonl, sha256_file
+from ..fsutil import append_jsonl, atomic_write_text, check_output, read_jsonl, sha256_file
 from ..prompts import judge_message
 from .items import CLASSES, load_judge_prompts, normalize_class, read_records, repair_torn_tail
 from .parse import parse_score
@@ -200,7 +200,7 @@ def _llm_scores(answers: list[dict], cfg: EvalJudgeConfig) -> tuple[list[dict], 
     prompts = load_judge_prompts(cfg.prompts)
     messages = [judge_message(prompts[a["class"]], a["question"], a["answer"], a["std_answer"], a["class"])
                 for a in answers]
-    cache = JudgeCache(cfg.cache or Path(cfg.output).parent / "judge_cache.jsonl")
+    cache = JudgeCache(cache_path(cfg))
     records, errors, spend = fetch_replies(messages, cfg, cache)
     scored, table_tokens = [], 0
     for a, rec, err in zip(answers, records, errors):
@@ -216,7 +216,24 @@ def _llm_scores(answers: list[dict], cfg: EvalJudgeConfig) -> tuple[list[dict], 
     return scored, spend
 
 
+def cache_path(cfg: EvalJudgeConfig) -> Path:
+    return Path(cfg.cache) if cfg.cache else Path(cfg.output).parent / "judge_cache.jsonl"
+
+
+def _scores_of(path: str | os.PathLike, answers: str | os.PathLike) -> bool:
+    """Whether `path` is a scores file this command wrote for the same answers file: rerunning the
+    judge to retry failed items replaces it by design, without --overwrite."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.loads(f.readline()).get("_meta") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return meta.get("kind") == "scores" and meta.get("answers") == str(answers)
+
+
 def run_eval_judge(cfg: EvalJudgeConfig) -> int:
+    check_output(cfg.output, overwrite=cfg.overwrite or _scores_of(cfg.output, cfg.data), is_dir=False,
+                 inputs=[cfg.data, cfg.prompts, cache_path(cfg) if cfg.judge == "llm" else None])
     meta, answers = read_records(cfg.data, "answers")
     for a in answers:
         a["class"] = normalize_class(a["class"])

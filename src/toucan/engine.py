@@ -383,7 +383,7 @@ class LlamaCppEngine(Engine):
     (a chat's next turn only evaluates the new tokens)."""
 
     def __init__(self, path, template: str | Template = DEFAULT_TEMPLATE, n_ctx: int = 0, threads: int = 0):
-        self.llm = llamacpp.load(path, n_ctx=n_ctx, threads=threads)
+        self.llm, self.space_prefix = llamacpp.load(path, n_ctx=n_ctx, threads=threads)
         # free llama.cpp's model when the engine goes, and before interpreter shutdown (Llama.__del__
         # then finds its ctypes bindings already torn down and prints a TypeError)
         weakref.finalize(self, self.llm.close)
@@ -396,9 +396,10 @@ class LlamaCppEngine(Engine):
         self.lock = threading.Lock()
 
     def encode(self, prompt: str) -> list[int]:
-        # toucan.data's rule with llama.cpp's tokenizer: BOS, then the prompt's tokens (the
-        # SentencePiece dummy-prefix space included, as transformers' tokenizer adds it)
-        return [self.bos] + self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=False)
+        # toucan.data's rule with llama.cpp's tokenizer: BOS, then the prompt's tokens, with
+        # SentencePiece's one dummy-prefix space written here (see llamacpp.load)
+        text = (" " + prompt) if self.space_prefix else prompt
+        return [self.bos] + self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
             cancel: list | None = None, max_new_tokens: list[int] | None = None,

@@ -43,19 +43,38 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def _dummy_prefix(path: Path) -> bool:
+    """Whether this SentencePiece vocabulary puts a "▁" before the text (add_dummy_prefix)."""
+    import gguf
+
+    f = gguf.GGUFReader(path).fields
+    model, flag = f.get("tokenizer.ggml.model"), f.get("tokenizer.ggml.add_space_prefix")
+    return str(model.contents()) == "llama" and (flag is None or bool(flag.contents()))
+
+
 def load(path, n_ctx: int = 0, threads: int = 0):
-    """A llama_cpp.Llama for `path`: n_ctx 0 = the file's context length, threads 0 = physical cores."""
+    """(llama_cpp.Llama for `path`, whether prompts get a leading space): n_ctx 0 = the file's
+    context length, threads 0 = physical cores.
+
+    SentencePiece adds its dummy-prefix "▁" once, before the whole text. llama.cpp adds it before
+    every stretch of text that follows a user-defined token too (its `add_space_prefix` applies
+    after each special token), so a vocabulary with user-defined pieces (the demo's template
+    pieces) would be cut differently from training. So the flag is switched off at load and the
+    engine writes the one leading space itself: llama.cpp's tokenizer then gives SentencePiece's
+    ids (tests/test_llamacpp.py)."""
     llama_cpp = import_llama_cpp(path)
     path = Path(path)
     check_gguf(path)  # one line naming what is wrong; llama.cpp itself aborts or says "failed to load"
+    prefix = _dummy_prefix(path)
     threads = threads or physical_cores()
     try:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                              n_gpu_layers=0, logits_all=False, verbose=False)
+                              n_gpu_layers=0, logits_all=False, verbose=False,
+                              kv_overrides={"tokenizer.ggml.add_space_prefix": False} if prefix else None)
     except (ValueError, RuntimeError) as e:  # "Failed to load model from file": the details went to llama.cpp's log
         raise ModelError(f"{path}: llama.cpp cannot load this GGUF file ({e})") from None
     log.info("llama.cpp: %s, context %d, %d thread(s)", path.name, llm.n_ctx(), threads)
-    return llm
+    return llm, prefix
 
 
 def token_bytes_table(llm) -> list[bytes]:

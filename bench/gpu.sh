@@ -41,4 +41,10 @@ step train 240 $PY bench/train.py --device cuda
 step serve 150 $PY bench/serve.py --device cuda --hidden_size 1024 --layers 8 --requests 100 --skip_queue
 # 3. GPTQ 4-bit g128 vs RTN on the GPU (GPTQModel's CUDA kernels), KL and ppl.
 step quant 150 $PY bench/quant.py --device cuda --layers 4
+# 4. 2:4 sparsity: SparseGPT-prune a LLaMA-7B-shaped 4-layer stack on the GPU, then time its forward
+#    pass with torch's semi-structured sparse kernels vs the same weights dense (prefill and decode
+#    shapes), and check both give the same output. (`bench/sparse_kernels.py --dry-run` checks the
+#    script on a CPU.) Then bench/prune.py's quality table on the GPU.
+step sparse24 150 $PY bench/sparse_kernels.py --layers 4
+step prune 150 $PY bench/prune.py --device cuda
 echo "logs in $OUT"

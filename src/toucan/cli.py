@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "verify": (C.VerifyConfig, "toucan.manifest:run_verify"),
     "quantize": (C.QuantizeConfig, "toucan.quant:run_quantize"),
     "ppl": (C.PplConfig, "toucan.ppl:run_ppl"),
+    "prune": (C.PruneConfig, "toucan.prune:run_prune"),
     "tokenizer extend": (C.TokenizerExtendConfig, "toucan.tokenizer:run_extend"),
     "make-delta": (C.MakeDeltaConfig, "toucan.delta:run_make_delta"),
     "apply-delta": (C.ApplyDeltaConfig, "toucan.delta:run_apply_delta"),

@@ -307,7 +307,7 @@ def prune_model(model, seqs: list[list[int]] | None, method: str, target: Target
 # ----------------------------------------------------------------------------------------------
 # Measuring sparsity in a saved directory (full precision or GPTQ), for `toucan ppl` and bench.
 
-def _gptq_dequantize(tensors: dict, prefix: str, qcfg: dict):
+def _gptq_dequantize(weights, prefix: str, qcfg: dict):
     """Dense [out, in] weight of one GPTQ Linear from its qweight/qzeros/scales/g_idx (2/4/8 bits,
     packed along the input dim in int32; the 'gptq' (v1) format stores zero points minus 1)."""
     import torch
@@ -317,8 +317,8 @@ def _gptq_dequantize(tensors: dict, prefix: str, qcfg: dict):
         return None  # 3-bit packs across words; not needed for measuring sparsity
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     mask = (1 << bits) - 1
-    qweight, qzeros = tensors[prefix + "qweight"], tensors[prefix + "qzeros"]
-    scales, g_idx = tensors[prefix + "scales"].float(), tensors[prefix + "g_idx"].long()
+    qweight, qzeros = weights.get(prefix + "qweight"), weights.get(prefix + "qzeros")
+    scales, g_idx = weights.get(prefix + "scales").float(), weights.get(prefix + "g_idx").long()
     q = ((qweight[:, None, :] >> shifts[None, :, None]) & mask).reshape(-1, qweight.shape[1])  # [in, out]
     z = ((qzeros[:, :, None] >> shifts[None, None, :]) & mask).reshape(qzeros.shape[0], -1)     # [groups, out]
     if qcfg.get("checkpoint_format", "gptq") == "gptq":
@@ -327,27 +327,23 @@ def _gptq_dequantize(tensors: dict, prefix: str, qcfg: dict):
     return ((q - z[g_idx]).float() * scales[g_idx]).T.contiguous()
 
 
-def decoder_weights(model_dir: str | Path):
-    """{name: dense fp32 [out, in] weight} of every decoder Linear in a model directory, whether
-    full precision or GPTQ-quantized (dequantized, so an exact zero stays visible)."""
-    from safetensors.torch import load_file
+def iter_decoder_weights(model_dir: str | Path):
+    """(name, dense fp32 [out, in] weight) of every decoder Linear in a model directory, full
+    precision or GPTQ (dequantized: an exact zero stays visible), read one tensor at a time."""
+    from .delta_io import Weights
 
     d = Path(model_dir)
     qcfg = json.loads((d / "config.json").read_text()).get("quantization_config")
-    tensors = {}
-    for f in sorted(d.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    out = {}
-    for key, t in tensors.items():
+    weights = Weights(d)
+    for key in weights.names:
         if not BLOCK_RE.search(key):
             continue
-        if key.endswith(".weight") and t.dim() == 2:
-            out[key[:-len(".weight")]] = t.float()
+        if key.endswith(".weight") and len(weights.meta[key][1]) == 2:
+            yield key[:-len(".weight")], weights.get(key).float()
         elif qcfg and key.endswith(".qweight"):
-            w = _gptq_dequantize(tensors, key[:-len("qweight")], qcfg)
+            w = _gptq_dequantize(weights, key[:-len("qweight")], qcfg)
             if w is not None:
-                out[key[:-len(".qweight")]] = w
-    return out
+                yield key[:-len(".qweight")], w
 
 
 def nm_kept(W, n: int, m: int) -> tuple[int, int]:
@@ -361,19 +357,21 @@ def nm_kept(W, n: int, m: int) -> tuple[int, int]:
 
 def measure_sparsity(model_dir: str | Path, pattern: str | None = None) -> dict | None:
     """{'sparsity': fraction of zero weights over the decoder Linears, 'layers': n,
-    ['pattern', 'pattern_kept']: fraction of N:M groups that hold}, or None without such weights."""
-    weights = decoder_weights(model_dir)
-    if not weights:
+    ['pattern', 'pattern_kept']: fraction of N:M groups that hold}, or None without such weights.
+    The pattern defaults to the one `toucan prune` recorded in the directory's manifest."""
+    pattern = pattern or pruned_pattern(model_dir)
+    n, m = map(int, pattern.split(":")) if pattern else (0, 0)
+    zeros = total = layers = kept = groups = 0
+    for _, w in iter_decoder_weights(model_dir):
+        zeros, total, layers = zeros + int((w == 0).sum()), total + w.numel(), layers + 1
+        if m:
+            k, g = nm_kept(w, n, m)
+            kept, groups = kept + k, groups + g
+    if not layers:
         return None
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
-    total = sum(w.numel() for w in weights.values())
-    out = {"sparsity": zeros / total, "layers": len(weights)}
-    if pattern is None:
-        pattern = pruned_pattern(model_dir)
-    if pattern:
-        n, m = map(int, pattern.split(":"))
-        kept = [nm_kept(w, n, m) for w in weights.values()]
-        out.update(pattern=pattern, pattern_kept=sum(k for k, _ in kept) / max(1, sum(t for _, t in kept)))
+    out = {"sparsity": zeros / total, "layers": layers}
+    if m:
+        out.update(pattern=pattern, pattern_kept=kept / max(1, groups))
     return out
 
 

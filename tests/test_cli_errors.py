@@ -79,7 +79,7 @@ def test_chat_plain_invalid_utf8_on_stdin_is_one_line(tiny_model_dir, capsys, mo
 
 
 NOISE = ["_C_mxfp8", "Failed to load", "triton", "_pytree", "register_constant", "Setting accelerator",
-         "GPT-QModel", "Python GIL", "INFO  ", "Tokenicer", "HTTP Request"]
+         "GPT-QModel", "Python GIL", "INFO  ", "Tokenicer", "HTTP Request", "Files in directory"]
 
 
 def _toucan(*args, stdin=b""):

@@ -10,6 +10,7 @@ that keeps layers no kernel can run in full precision (see `layer_problem`), and
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -257,7 +258,11 @@ def run_quantize(cfg) -> int:
                  len(todo), seconds)
 
         with atomic_dir(cfg.output) as tmp:
-            model.save(str(tmp))
+            # GPTQModel's save prints the folder listing and both config files, always (writer.py
+            # debug_saved_config): shown only with -v, i.e. when setup_logging left its logger on
+            quiet = logging.getLogger("logbar").disabled
+            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+                model.save(str(tmp))
             # optimum (the transformers loader) ignores GPTQModel's `dynamic`; it keeps layers by
             # `modules_in_block_to_quantize`, so record the plan in both vocabularies.
             cj = json.loads((tmp / "config.json").read_text())

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU path of toucan, checked and timed in ONE call (the device machine is lent for
-# ~15 minutes in all). Run from the repo root on a CUDA machine:
+# Every GPU path of toucan, checked and timed in ONE call (each step has its own time limit, so
+# the whole run fits in about 15 minutes of a GPU). Run from the repo root on a CUDA machine:
 #     bash bench/gpu.sh            # figures to stdout and, if $OUT is set, $OUT/gpu-*.log
 # It uses the machine's own python3/torch with toucan from src/ (no install, no downloads).
-# Missing Python packages (peft, gptqmodel, fastapi, ...) can be carried as wheels in .whl/:
-# see /work/.library/device/README.md; they are installed to /tmp/site first when present.
+# Python packages that machine lacks (peft, gptqmodel, fastapi, ...) can be brought as wheels in
+# .whl/ (e.g. `pip download --no-deps -d .whl peft==VERSION`, the versions pyproject.toml pins);
+# they are installed to /tmp/site first when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/toucan-gpu}; mkdir -p "$OUT"
@@ -35,7 +36,7 @@ import torch; print("cuda", torch.cuda.is_available(), torch.cuda.get_device_nam
 PY
 
 # 1. Full SFT, LLaMA-7B shape, random bf16 weights: tokens/s and model TFLOP/s
-#    (reference: plain HF Trainer 6,444 tok/s = 277 TFLOP/s on one H200, FACTS.md).
+#    (reference: plain HF Trainer 6,444 tok/s = 277 TFLOP/s on one H200; see bench/RESULTS.md).
 step train 240 $PY bench/train.py --device cuda
 # 2. Generation engine vs plain model.generate, and the API under load, on the GPU.
 step serve 150 $PY bench/serve.py --device cuda --hidden_size 1024 --layers 8 --requests 100 --skip_queue

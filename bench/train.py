@@ -218,7 +218,7 @@ def gpu_main(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads per recipe (set explicitly: see FACTS)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per recipe (set explicitly: ratios are only comparable at the same count)")
     p.add_argument("--seconds", type=float, default=60, help="timed wall-clock budget per recipe")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--max-len", type=int, default=512)

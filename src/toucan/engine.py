@@ -45,7 +45,8 @@ from . import llamacpp
 from .config import GenerationOptions
 from .data import encode_prompt
 from .errors import ConfigError
-from .prompts import DEFAULT_TEMPLATE, Template, Turn, build_prompt, get_template, messages_to_turns
+from .prompts import (DEFAULT_TEMPLATE, Template, Turn, build_prompt, get_template, messages_to_turns,
+                      render_turn)
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +233,11 @@ class Engine:
 
     @classmethod
     def from_dir(cls, path, device: str = "auto", dtype: str = "auto", template: str | Template = DEFAULT_TEMPLATE,
-                 max_context: int | None = None, threads: int = 0) -> "Engine":
-        """A model directory (transformers), or a .gguf file (llama.cpp: LlamaCppEngine, which
-        runs no code from anywhere). threads: CPU threads (0 = torch's default; llama.cpp: physical cores)."""
+                 max_context: int | None = None, threads: int = 0, trust_remote_code: bool = False,
+                 base: str | None = None) -> "Engine":
+        """A model directory (transformers), a LoRA adapter directory (on its base, or `base`:
+        modeling.load_adapter), or a .gguf file (llama.cpp: LlamaCppEngine, which runs no code
+        from anywhere). threads: CPU threads (0 = torch's default; llama.cpp: physical cores)."""
         if llamacpp.is_gguf(path):
             return LlamaCppEngine(path, template, n_ctx=max_context or 0, threads=threads)
         from .modeling import load_model, load_tokenizer
@@ -243,15 +246,16 @@ class Engine:
             import torch
 
             torch.set_num_threads(threads)
-        return cls(load_model(path, device=device, dtype=dtype),
-                   load_tokenizer(path), template, max_context)
+        return cls(load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, base=base),
+                   load_tokenizer(path, trust_remote_code=trust_remote_code, base=base), template, max_context)
 
     @classmethod
     def from_config(cls, cfg) -> "Engine":
         """The engine a command's config (ModelOptions + model) asks for: --model, --device, --dtype,
-        --template, --threads, --n-ctx."""
+        --template, --threads, --n-ctx, --trust-remote-code, --base (for a LoRA adapter)."""
         return cls.from_dir(cfg.model, device=cfg.device, dtype=cfg.dtype, template=cfg.template,
-                            max_context=cfg.n_ctx or None, threads=cfg.threads)
+                            max_context=cfg.n_ctx or None, threads=cfg.threads,
+                            trust_remote_code=cfg.trust_remote_code, base=cfg.base)
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -259,7 +263,22 @@ class Engine:
         """The rule in toucan.data: [BOS] + tokens(prompt)."""
         return encode_prompt(self.tokenizer, prompt)
 
-    def count_tokens(self, prompt: str) -> int:
+    def count_over(self, prompt: str, cap: int) -> int | None:
+        """A token count above `cap` for [BOS] + prompt, read from a prefix, or None when a prefix
+        does not settle it. A text has no fewer tokens than its prefix (less a few where the cut
+        splits a piece), so a prompt far longer than `cap` tokens could be is refused after
+        tokenizing ~32 chars per token of cap: a 1 MB prompt for a 512-token context costs 17 KB
+        of tokenizing, not 1 MB (the SentencePiece tokenizer holds the GIL: a server stalls)."""
+        cut = 32 * (max(cap, 0) + 16)
+        if len(prompt) <= cut:
+            return None
+        n = len(self.encode(prompt[:cut])) - 16  # the slack for pieces and merges at the cut
+        return n if n > cap else None
+
+    def count_tokens(self, prompt: str, cap: int | None = None) -> int:
+        """len(encode(prompt)); with `cap`, exact up to cap and otherwise some count above it."""
+        if cap is not None and (n := self.count_over(prompt, cap)) is not None:
+            return n
         return len(self.encode(prompt))
 
     def check_fits(self, n_prompt_tokens: int) -> None:
@@ -272,14 +291,40 @@ class Engine:
         """The prompt for `instruction` after `history`, dropping the oldest turns until
         [BOS] + prompt + max_new_tokens fits the context. Returns (prompt, the turns kept).
         When even the bare question does not fit, it is returned as is (generation then raises
-        PromptTooLongError or is shortened to the room left)."""
+        PromptTooLongError or is shortened to the room left).
+
+        Linear in the history (a server must not spend O(turns^2) on one request): each turn is
+        tokenized at most once, newest first, until the budget is spent, so older turns are never
+        read; the kept suffix is then checked on the real prompt (tokens are not additive across
+        piece boundaries) and moved by a turn or two until it is the longest suffix that fits."""
         history = list(history)
-        budget = self.max_context - max_new_tokens
-        while True:
-            prompt = build_prompt(instruction, input, history, self.template, system=system)
-            if not history or self.count_tokens(prompt) <= budget:
-                return prompt, history
-            history.pop(0)
+        n, budget = len(history), self.max_context - max_new_tokens
+
+        def render(k: int) -> str:  # the prompt keeping the newest k turns
+            return build_prompt(instruction, input, history[n - k:] if k else [], self.template, system=system)
+
+        if not history:
+            return render(0), []
+        fixed = self.count_tokens(render(0), budget)
+        if fixed > budget:
+            return render(0), []
+        cost: dict[int, int] = {}  # turn index -> its tokens alone (BOS excluded)
+
+        def turn_cost(i: int) -> int:
+            if i not in cost:
+                cost[i] = self.count_tokens(render_turn(*history[i], self.template), budget) - 1
+            return cost[i]
+
+        k, used = 0, fixed
+        while k < n and used + turn_cost(n - 1 - k) <= budget:
+            used += turn_cost(n - 1 - k)
+            k += 1
+        while k > 0 and self.count_tokens(render(k), budget) > budget:
+            k -= 1
+        # grow only by turns that could fit on their own (a huge old turn is never tokenized twice)
+        while k < n and turn_cost(n - 1 - k) <= budget and self.count_tokens(render(k + 1), budget) <= budget:
+            k += 1
+        return render(k), history[n - k:] if k else []
 
     def messages_prompt(self, messages: Sequence[dict], max_new_tokens: int) -> str:
         """OpenAI-style messages -> prompt (a system message replaces the template's header;

@@ -28,7 +28,8 @@ from .config import TrainConfig
 from .collate import PackedCollator, SFTCollator, pack_examples, response_loss
 from .data import IGNORE_INDEX, encode_records, load_dataset_spec, parse_spec
 from .errors import ConfigError, DataError
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, check_output
+from .modeling import resize_embeddings  # also what LoRA adapters load with (modeling.load_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,21 @@ def rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group (set up by accelerate, DeepSpeed or train_fsdp_cpu) while the
+    interpreter is still whole. Every rank calls it last, after train() (which ends in a barrier).
+
+    Left to interpreter exit, gloo's worker threads can still be dropping their last references to
+    the tensors of finished collectives (the final barrier, ZeRO-3's async all-gathers) while Python
+    is finalizing; that decref needs the GIL, and a rank that trained and saved fine dies with
+    SIGABRT, failing the whole torchrun (pytorch/pytorch#190489; torch 2.13 has no atexit hook for
+    it, #157193 is still open). destroy_process_group joins those threads first."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _cuda_available() -> bool:
@@ -59,6 +75,12 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
 def data_files(specs: Sequence[str]) -> list[str]:
     """The files behind data specs (`FILE`, `FILE:N`, `FILE:0.5`), for the manifest's hashes."""
     return [parse_spec(s)[0] for s in specs]
+
+
+def _inputs(cfg: TrainConfig) -> list:
+    """What --output must never replace or contain (fsutil.check_output)."""
+    return [cfg.model, cfg.tokenizer, *data_files(cfg.data),
+            cfg.resume_from_checkpoint if cfg.resume_from_checkpoint not in (None, "auto") else None]
 
 
 def load_examples(cfg: TrainConfig, tokenizer) -> list[dict]:
@@ -257,45 +279,17 @@ def _load_model(cfg: TrainConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .modeling import check_model_dir
+    from .modeling import check_model_dir, check_remote_code, load_error, load_errors
 
     check_model_dir(cfg.model)
+    check_remote_code(cfg.model, cfg.trust_remote_code)
     # fp32 master weights: mixed precision (--bf16/--fp16) is the Trainer's job, and fp32 is the
     # fast path on CPUs without AMX.
-    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-
-
-def resize_embeddings(model, vocab_size: int) -> int:
-    """Grow embed_tokens and lm_head to `vocab_size` rows, new rows = the mean of the old rows.
-    Returns how many rows were added. Works under DeepSpeed ZeRO-3, where parameters are
-    partitioned and a naive `weight.shape[0]` reads 0 (the original Toucan's bug).
-
-    Written here rather than using transformers' `mean_resizing=True`: that samples new rows from
-    a Gaussian around the mean (random), whereas the exact mean is deterministic, so merge-lora
-    and a frozen-embedding LoRA run rebuild bit-identical rows from the base alone."""
-    import contextlib
-
-    import torch
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    old = model.config.vocab_size   # the config, not weight.shape: under ZeRO-3 that shape is 0
-    if vocab_size <= old:
-        return 0
-    model.resize_token_embeddings(vocab_size, mean_resizing=False)   # ZeRO-3 aware in transformers
-    params = [model.get_input_embeddings().weight]
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not params[0]:
-        params.append(head.weight)
-    gather = contextlib.nullcontext()
-    if is_deepspeed_zero3_enabled():
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    with gather, torch.no_grad():
-        for w in params:
-            w[old:] = w[:old].mean(dim=0, keepdim=True)
-    log.info("resized embeddings and lm_head: %d -> %d rows (new rows = mean of old)", old, vocab_size)
-    return vocab_size - old
+    try:
+        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+                                                    trust_remote_code=cfg.trust_remote_code)
+    except load_errors() as e:
+        raise load_error(cfg.model, e) from None
 
 
 class _StateDictSaver:
@@ -325,12 +319,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     import torch
     from transformers import Trainer, set_seed
 
-    from .modeling import load_tokenizer, save_model_dir
+    from .modeling import check_model_dir, load_tokenizer, save_model_dir
 
     if cfg.model is None or cfg.output is None or not cfg.data:
         raise ConfigError("--model, --data and --output are required")
+    # Before hours of training: an output that could not be written at the end is refused now.
+    check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg))
+    check_model_dir(cfg.model)  # a wrong --model is named as such, not as a missing tokenizer
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     examples = load_examples(cfg, tokenizer)
     log.info("%d training examples, %d tokens", len(examples), sum(len(e["input_ids"]) for e in examples))
 
@@ -370,7 +367,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     if rank() == 0:
         saveable = saved_model if state_dict is None else _StateDictSaver(saved_model, state_dict)
         save_model_dir(cfg.output, saveable, tokenizer, command="train", config=cfg,
-                       inputs=data_files(cfg.data),
+                       inputs=data_files(cfg.data), overwrite=cfg.overwrite, guard_inputs=_inputs(cfg),
                        manifest_extra={"train": {"global_step": result.global_step,
                                                  "examples": n_examples,
                                                  "packed_rows": len(examples) if cfg.packing else None,
@@ -466,5 +463,8 @@ def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args
 
 def run_train(cfg: TrainConfig) -> int:
     """`toucan train`; Python callers can use `train(cfg)` to get the loss history back."""
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        shutdown_distributed()
     return 0

@@ -10,6 +10,7 @@ that keeps layers no kernel can run in full precision (see `layer_problem`), and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -23,10 +24,12 @@ import time
 from pathlib import Path
 
 from ..errors import QuantError
-from ..fsutil import atomic_dir, atomic_write_json
+from ..fsutil import atomic_dir, atomic_write_json, check_output
 from ..manifest import write_manifest
-from ..modeling import check_model_dir, is_quantized, load_tokenizer, resolve_device, resolve_dtype
+from ..modeling import (adapter_base, check_model_dir, check_remote_code, is_adapter, is_quantized, load_error,
+                        load_errors, load_tokenizer, merged_model_dir, resolve_device, resolve_dtype)
 from .calib import calibration_samples
+from .sparse import keep_zeros, pruning_record
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +83,20 @@ def layer_problem(in_features: int, out_features: int, bits: int, group_size: in
     return None
 
 
-def plan_layers(model_dir: str | Path, bits: int, group_size: int) -> tuple[list[str], dict[str, str]]:
+def plan_layers(model_dir: str | Path, bits: int, group_size: int,
+                trust_remote_code: bool = False) -> tuple[list[str], dict[str, str]]:
     """(names of decoder Linear layers to quantize, {name: reason} for those kept in full precision),
     from a weightless (meta-device) copy of the model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(config)
+    check_remote_code(model_dir, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except load_errors() as e:
+        raise load_error(model_dir, e) from None
     todo, skipped = [], {}
     for name, mod in shell.named_modules():
         if isinstance(mod, torch.nn.Linear) and BLOCK_RE.search(name):
@@ -119,7 +127,7 @@ def block_modules(quantized: list[str], skipped: list[str]) -> list[list[str]]:
 def checkpoint_dir(output: str | Path) -> Path:
     """Where an interrupted GPTQ run keeps its finished layers: a sibling of the output (as
     train's OUT-checkpoints/), so the atomic write of OUT never touches it. Removed on success."""
-    out = Path(output)
+    out = Path(os.path.abspath(output))  # abspath: "." or "dir/.." have no name to extend
     return out.with_name(out.name + "-quant-checkpoint")
 
 
@@ -181,18 +189,28 @@ def _plan(cfg):
     """(source dir, tokenizer, layers to quantize, {layer: why kept in full precision}), or a QuantError."""
     validate(cfg)
     src = check_model_dir(cfg.model)
+    # Before anything is loaded: GPTQModel's loader imports a folder's auto_map modules even when
+    # told trust_remote_code=False, and minutes of quantizing must not end in a refused output.
+    check_remote_code(src, cfg.trust_remote_code)
+    check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg))
     if is_quantized(src):
         raise QuantError(f"{cfg.model} is already quantized (config.json has quantization_config)")
     if cfg.desc_act and cfg.method == "rtn":
         log.warning("--desc-act only applies to gptq; ignored for rtn")
-    todo, skipped = plan_layers(src, cfg.bits, cfg.group_size)
+    todo, skipped = plan_layers(src, cfg.bits, cfg.group_size, cfg.trust_remote_code)
     if not todo:
         raise QuantError(f"{cfg.model}: no layer can be quantized with bits={cfg.bits}, "
                          f"group_size={cfg.group_size}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     if skipped:
         log.warning("keeping %d layer(s) in full precision (odd widths): %s", len(skipped),
                     ", ".join(f"{k} ({v})" for k, v in skipped.items()))
-    return src, load_tokenizer(src), todo, skipped
+    return src, load_tokenizer(src, trust_remote_code=cfg.trust_remote_code), todo, skipped
+
+
+def _inputs(cfg) -> list:
+    """What --output must never replace or contain: the model, the calibration data and the
+    resumable checkpoint of this output (fsutil.check_output)."""
+    return [cfg.model, cfg.data if cfg.method == "gptq" else None, checkpoint_dir(cfg.output)]
 
 
 def _calibration(cfg, tokenizer) -> list[dict] | None:
@@ -215,11 +233,42 @@ def _checkpointing(ckpt: Path) -> dict:
     return {"checkpoint": CheckpointConfig(path=str(ckpt))}
 
 
+def _sparsity_plan(cfg, src: Path, desc_act: bool) -> tuple[bool, dict | None]:
+    """(quantize mask-aware?, the source's `toucan prune` record). --keep-sparsity defaults to on
+    for a model whose toucan.json says `toucan prune` made it."""
+    pruning = pruning_record(src)
+    sparse = bool(pruning) if cfg.keep_sparsity is None else bool(cfg.keep_sparsity)
+    if sparse and desc_act:
+        raise QuantError(f"{cfg.model} is pruned{'' if pruning else ' (--keep-sparsity)'}: --desc-act reorders "
+                         f"columns and cannot keep its zeros; drop --desc-act (or pass --no-keep-sparsity)")
+    if sparse:
+        log.info("keeping the zeros of %s (%s): mask-aware GPTQ in natural column order", cfg.model,
+                 f"{pruning['method']} {pruning['pattern'] or pruning['sparsity']}" if pruning else "--keep-sparsity")
+    return sparse, pruning
+
+
 def run_quantize(cfg) -> int:
-    """Quantize cfg.model into cfg.output (atomically). Returns 0; raises QuantError/ModelError."""
+    """Quantize cfg.model into cfg.output (atomically). Returns 0; raises QuantError/ModelError.
+    A LoRA adapter as cfg.model is merged into its base first (in memory) and that is quantized."""
+    if not is_adapter(cfg.model):
+        return _quantize(cfg)
+    validate(cfg)
+    base = adapter_base(cfg.model, cfg.base)
+    check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg) + [base])  # before the merge
+    log.info("%s is a LoRA adapter: merging it into its base %s (in memory) before quantizing", cfg.model, base)
+    # GPTQModel loads only from a directory, so the merged model is handed to it as a temporary one.
+    with merged_model_dir(cfg.model, base, near=cfg.output, trust_remote_code=cfg.trust_remote_code) as merged:
+        return _quantize(dataclasses.replace(cfg, model=str(merged), base=None), recorded=cfg,
+                         sources=[cfg.model, str(base)])
+
+
+def _quantize(cfg, recorded=None, sources=None) -> int:
+    """run_quantize on a full model directory. recorded, sources: the config and input models the
+    manifest names (the user's adapter and its base, not the temporary merged directory)."""
     src, tokenizer, todo, skipped = _plan(cfg)
     sym = cfg.sym and not cfg.asym
     desc_act = cfg.desc_act and cfg.method == "gptq"
+    sparse, pruning = _sparsity_plan(cfg, src, desc_act)
     # GPTQ (minutes to hours on a big model) commits each finished decoder layer, so a rerun of
     # the same command after a crash, kill or Ctrl-C resumes at the next layer. RTN needs no
     # calibration pass and takes seconds: it just runs again.
@@ -243,21 +292,28 @@ def run_quantize(cfg) -> int:
         common = dict(bits=cfg.bits, group_size=cfg.group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
                       offload_to_disk=resumable)
         if cfg.method == "gptq":
-            qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common)
+            # A pruned model is quantized in natural column order (see quant/sparse.py).
+            order = {"act_group_aware": False} if sparse else {}
+            qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common, **order)
         else:
             qcfg = RTNConfig(**common)
         # fp32 on CPU: quantization statistics and the layers kept in full precision stay exact
         # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
-        model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device))
+        try:
+            model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device),
+                                   trust_remote_code=cfg.trust_remote_code)
+        except load_errors() as e:
+            raise load_error(src, e) from None
         resume = _checkpointing(ckpt) if resumable else {}
         t0 = time.perf_counter()
-        with _gptqmodel_logs_elsewhere(), _checkpoint_errors(ckpt):
+        with _gptqmodel_logs_elsewhere(), _checkpoint_errors(ckpt), \
+                (keep_zeros() if sparse else contextlib.nullcontext({})) as forced:
             model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO, **resume)
         seconds = time.perf_counter() - t0
         log.info("%s %d-bit g%d quantized %d layers in %.1f s", cfg.method, cfg.bits, cfg.group_size,
                  len(todo), seconds)
 
-        with atomic_dir(cfg.output) as tmp:
+        with atomic_dir(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg)) as tmp:
             # GPTQModel's save prints the folder listing and both config files, always (writer.py
             # debug_saved_config): shown only with -v, i.e. when setup_logging left its logger on
             quiet = logging.getLogger("logbar").disabled
@@ -269,15 +325,16 @@ def run_quantize(cfg) -> int:
             cj["quantization_config"]["modules_in_block_to_quantize"] = block_modules(todo, list(skipped))
             atomic_write_json(tmp / "config.json", cj)
             tokenizer.save_pretrained(str(tmp))  # toucan's tokenizer (pad token set), not a re-guessed one
-            inputs = [src] + ([cfg.data] if calib else [])
-            write_manifest(tmp, "quantize", cfg, inputs, extra={"quantization": {
+            inputs = (sources or [src]) + ([cfg.data] if calib else [])
+            write_manifest(tmp, "quantize", recorded or cfg, inputs, extra={"quantization": {
                 "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": sym,
                 "desc_act": desc_act, "act_group_aware": bool(getattr(qcfg, "act_group_aware", False)),
                 "quantized_layers": todo, "full_precision_layers": skipped,
                 "calibration": None if calib is None else {"file": str(cfg.data), "samples": len(calib),
                                                            "tokens": sum(len(c["input_ids"]) for c in calib)},
-                "seconds": round(seconds, 2),
-            }})
+                "seconds": round(seconds, 2), "keep_sparsity": sparse,
+                "zeros_forced": sum(forced.values()) if sparse else None,
+            }, **({"pruning": pruning} if pruning else {})})
     shutil.rmtree(ckpt, ignore_errors=True)  # the output is complete: nothing left to resume
     size = sum(f.stat().st_size for f in Path(cfg.output).iterdir() if f.suffix == ".safetensors")
     print(f"{cfg.output}: {cfg.method} {cfg.bits}-bit group {cfg.group_size}, {len(todo)} layers quantized, "
@@ -285,7 +342,7 @@ def run_quantize(cfg) -> int:
     return 0
 
 
-def load_quantized(path: str | Path, device: str = "cpu"):
+def load_quantized(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
     """A GPTQ directory through plain transformers (+ optimum + GPTQModel kernels), in eval mode.
 
     Kernels: on CPU GPTQModel picks TorchAtenLinear (torch's int4 CPU matmul) for 4-bit groups of
@@ -293,15 +350,19 @@ def load_quantized(path: str | Path, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_remote_code(path, trust_remote_code)
     gptqmodel_env()
     # CPU: keep the unquantized parts (embeddings, norms, lm_head) in fp32; GPU kernels want fp16.
     dtype = torch.float32 if device == "cpu" else torch.float16
     # GPTQModel logs (banner, kernel notes) go to stdout; keep stdout for answers (`chat --plain`).
     with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), device_map=device, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(path), device_map=device, dtype=dtype,
+                                                         trust_remote_code=trust_remote_code)
         except ImportError as e:
             raise QuantError(f"{path}: loading a GPTQ model needs gptqmodel and optimum installed ({e})") from None
+        except load_errors() as e:
+            raise load_error(path, e) from None
         model.eval()
         # The CPU kernel repacks its weights on the first forward: do it here, not in the first reply.
         model(torch.tensor([[model.config.bos_token_id or 0]], device=model.device))

@@ -109,6 +109,11 @@ def test_demo_full_recipe(tmp_path, capsys):
     q = json.loads((out / "sft-gptq-4bit" / "config.json").read_text())["quantization_config"]
     assert q["bits"] == 4 and q["group_size"] == 32
     assert 0 <= r["gptq_4bit"]["accuracy"] <= 1
+    # the edge step: GGUF files answered through the llama.cpp backend, printed beside fp32 and GPTQ
+    assert set(r["gguf"]) == {"q8_0", "q4_0", "gptq-q4_0"}
+    for name, g in r["gguf"].items():
+        assert (out / f"sft-{name}.gguf").is_file() and 0 <= g["accuracy"] <= 1 and 0 <= g["same_as_fp32"] <= 1
+    assert json.loads((out / "sft-gptq-q4_0.gguf.toucan.json").read_text())["type"] == "q4_0"
     for f in ("table.md", "chart.png", "report.json"):
         assert (out / "report" / f).is_file()
     table = (out / "report" / "table.md").read_text(encoding="utf-8")

@@ -117,7 +117,10 @@ def exact_match(model_dir: Path, held_file: Path, template: str, batch_size: int
     """Greedy answers to the held-out questions through the shared engine; exact match per family."""
     from .engine import Engine
 
-    engine = Engine.from_dir(model_dir, device="cpu", template=template)
+    import torch
+
+    # a .gguf runs on llama.cpp (the same engine): on as many threads as torch was given
+    engine = Engine.from_dir(model_dir, device="cpu", template=template, threads=torch.get_num_threads())
     recs = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
     opts = greedy(max_new_tokens=12)
     answers = []
@@ -131,7 +134,26 @@ def exact_match(model_dir: Path, held_file: Path, template: str, batch_size: int
     ok = sum(sum(v) for v in per.values())
     return {"accuracy": ok / len(recs), "correct": ok, "total": len(recs),
             "per_family": {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())},
-            "examples": [{"q": r["instruction"], "want": r["output"], "got": a} for r, a in zip(recs[:5], answers)]}
+            "examples": [{"q": r["instruction"], "want": r["output"], "got": a} for r, a in zip(recs[:5], answers)],
+            "answers": answers}
+
+
+def edge(cfg: DemoConfig, fp32_dir: Path, gptq_dir: Path, held_file: Path, out: Path, fp32: dict) -> dict:
+    """The edge step: the fp32 model exported to q8_0 and q4_0 GGUF, and the GPTQ model to q4_0
+    (its symmetric group-32 blocks are Q4_0's layout: carried over without a second rounding), each
+    answering the held-out questions through the engine's llama.cpp backend. `same_as_fp32`: the
+    share of answers equal to the transformers fp32 model's."""
+    from .gguf_export import export_gguf
+
+    res = {}
+    for name, src, gtype in (("q8_0", fp32_dir, "q8_0"), ("q4_0", fp32_dir, "q4_0"), ("gptq-q4_0", gptq_dir, "q4_0")):
+        f = out / f"sft-{name}.gguf"
+        export_gguf(src, f, gtype, template=cfg.template, overwrite=True)
+        acc = exact_match(f, held_file, cfg.template)
+        same = sum(a == b for a, b in zip(acc["answers"], fp32["answers"])) / len(acc["answers"])
+        res[name] = {"file": str(f), "mib": round(f.stat().st_size / 2**20, 3), "accuracy": acc["accuracy"],
+                     "per_family": acc["per_family"], "same_as_fp32": round(same, 4)}
+    return res
 
 
 def greedy(max_new_tokens: int) -> GenerationOptions:
@@ -281,9 +303,10 @@ def _sft(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> tuple[Path
 
 
 def _full_recipe(cfg: DemoConfig, base: Path, sft: Path, train_file: Path, held_file: Path, out: Path,
-                 fp32_accuracy: float, times: dict[str, float]) -> tuple[dict, Path]:
-    """Delta round trip, 4-bit GPTQ and its accuracy, eval report: (summary's "recipe", the
-    restored model the chat then uses)."""
+                 fp32: dict, times: dict[str, float]) -> tuple[dict, Path]:
+    """Delta round trip, 4-bit GPTQ and its accuracy, GGUF on llama.cpp, eval report: (summary's
+    "recipe", the restored model the chat then uses). fp32: the fine-tuned model's exact_match."""
+    fp32_accuracy = fp32["accuracy"]
     recipe: dict = {}
     with _lap(times, "delta round trip"):
         restored = delta_round_trip(base, sft, out)
@@ -296,6 +319,8 @@ def _full_recipe(cfg: DemoConfig, base: Path, sft: Path, train_file: Path, held_
         recipe["gptq_4bit"] = {"dir": str(q4), "group_size": cfg.quant_group_size,
                                "accuracy": acc4["accuracy"], "per_family": acc4["per_family"],
                                "kept_vs_fp32": round(acc4["accuracy"] / fp32_accuracy, 4) if fp32_accuracy else None}
+    with _lap(times, "edge (gguf, llama.cpp)"):
+        recipe["gguf"] = edge(cfg, restored, q4, held_file, out, fp32)
     with _lap(times, "eval generate+judge+report"):
         report = evaluate(cfg, {"fp32": restored, "4bit": q4}, held_file, out)
         recipe["report"] = {"dir": str(report), "table": str(report / "table.md"), "chart": str(report / "chart.png")}
@@ -323,7 +348,7 @@ def run_demo(cfg: DemoConfig) -> int:
         after = exact_match(sft, held_file, cfg.template)
     recipe, final = {}, sft
     if cfg.full_recipe:
-        recipe, final = _full_recipe(cfg, base, sft, train_file, held_file, out, after["accuracy"], times)
+        recipe, final = _full_recipe(cfg, base, sft, train_file, held_file, out, after, times)
     with _lap(times, "chat"):
         held = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
         transcript = chat_transcript(final, cfg.template, [r["instruction"] for r in held[:3]])
@@ -368,6 +393,9 @@ def format_summary(s: dict) -> str:
         lines += [f"delta round trip: base + {d['delta']} -> {d['restored']}, "
                   + ("bit-exact" if d["bit_exact"] else "NOT bit-exact"),
                   f"4-bit GPTQ (group {q['group_size']}): exact match {q['accuracy']:.1%}{kept}",
+                  f"llama.cpp (GGUF), exact match beside fp32 {s['after']['accuracy']:.1%} and GPTQ {q['accuracy']:.1%}: "
+                  + ", ".join(f"{k} {g['accuracy']:.1%} ({g['mib']:.2f} MiB, same answer as fp32 {g['same_as_fp32']:.0%})"
+                              for k, g in r["gguf"].items()),
                   f"eval report (reference judge): {r['report']['table']}, chart {r['report']['chart']}"]
     lines.append(f"time: {s['total_seconds']} s " + json.dumps(s["seconds"]))
     lines.append(f"try it in the browser: {s['web_command']}")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .config import DemoConfig, GenerationOptions, TrainConfig
+from .errors import OutputError
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from .prompts import build_prompt, get_template
 
@@ -41,7 +42,7 @@ def make_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
                 "families": list(cfg.families), "generator": GENERATOR_VERSION}
     if not _same_settings(d / "settings.json", settings):
         train, held = generate(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.families)
-        with atomic_dir(d) as tmp:
+        with atomic_dir(d, overwrite=True, markers=("settings.json",)) as tmp:  # only a demo data dir
             for name, recs in (("train.jsonl", train), ("heldout.jsonl", held)):
                 (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
                                         encoding="utf-8")
@@ -85,7 +86,7 @@ def make_tokenizer(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
         pad_id=-1, add_dummy_prefix=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, user_defined_symbols=_special_pieces(cfg.template),
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    with atomic_dir(d) as tmp:
+    with atomic_dir(d, overwrite=True, markers=("demo_settings.json",)) as tmp:
         (tmp / "tokenizer.model").write_bytes(model.getvalue())
         tok = load_tokenizer(tmp / "tokenizer.model")
         tok.save_pretrained(str(tmp))
@@ -109,7 +110,8 @@ def make_base_model(cfg: DemoConfig, tok_dir: Path, out: Path) -> Path:
                        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.hidden_size // 32,
                        intermediate_size=settings["intermediate_size"], max_position_embeddings=cfg.max_len * 2)
     n = sum(p.numel() for p in model.parameters())
-    save_model_dir(d, model, tok, command="demo", config=cfg, manifest_extra={"demo": settings, "parameters": n})
+    save_model_dir(d, model, tok, command="demo", config=cfg, manifest_extra={"demo": settings, "parameters": n},
+                   overwrite=True)
     return d
 
 
@@ -180,7 +182,7 @@ def train_config(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> Tr
         warmup_ratio=0.05, lr_scheduler_type="cosine", weight_decay=0.0,
         logging_steps=max(1, min(50, cfg.max_steps // 10)),
         save_steps=max(100, cfg.max_steps // 4), save_total_limit=1, seed=cfg.seed,
-        resume_from_checkpoint="auto")
+        resume_from_checkpoint="auto", overwrite=True)  # a step of this run folder: redone when settings change
 
 
 # Families as BELLE eval classes, so `toucan eval` (whose table has BELLE's ten columns) can score
@@ -197,8 +199,8 @@ def delta_round_trip(base: Path, sft: Path, out: Path) -> Path:
     from .delta import run_apply_delta, run_make_delta
 
     delta, restored = out / "delta", out / "sft-restored"
-    run_make_delta(MakeDeltaConfig(base=str(base), target=str(sft), delta=str(delta)))
-    run_apply_delta(ApplyDeltaConfig(base=str(base), delta=str(delta), target=str(restored)))
+    run_make_delta(MakeDeltaConfig(base=str(base), model=str(sft), output=str(delta), overwrite=True))
+    run_apply_delta(ApplyDeltaConfig(base=str(base), delta=str(delta), output=str(restored), overwrite=True))
     return restored
 
 
@@ -209,7 +211,8 @@ def quantize_4bit(cfg: DemoConfig, model: Path, calib: Path, out: Path) -> Path:
     q = out / "sft-gptq-4bit"
     run_quantize(QuantizeConfig(model=str(model), output=str(q), method="gptq", bits=4,
                                 group_size=cfg.quant_group_size, data=str(calib), calib_samples=128,
-                                max_len=cfg.max_len, template=cfg.template, seed=cfg.seed, device="cpu"))
+                                max_len=cfg.max_len, template=cfg.template, seed=cfg.seed, device="cpu",
+                                overwrite=True))
     return q
 
 
@@ -234,11 +237,11 @@ def evaluate(cfg: DemoConfig, models: dict[str, Path], held_file: Path, out: Pat
         run_eval_generate(EvalGenerateConfig(
             model=str(model), data=str(eval_set), output=str(answers), model_name=f"demo-{name}",
             template=cfg.template, device="cpu", batch_size=64, max_new_tokens=32, do_sample=False,
-            temperature=0.0, repetition_penalty=1.0))
+            temperature=0.0, repetition_penalty=1.0, overwrite=True))
         scores.append(d / f"scores-{name}.jsonl")
-        run_eval_judge(EvalJudgeConfig(answers=str(answers), output=str(scores[-1]), judge="reference"))
+        run_eval_judge(EvalJudgeConfig(data=str(answers), output=str(scores[-1]), judge="reference", overwrite=True))
     report = out / "report"
-    run_eval_report(EvalReportConfig(scores=[str(x) for x in scores], output=str(report)))
+    run_eval_report(EvalReportConfig(scores=[str(x) for x in scores], output=str(report), overwrite=True))
     return report
 
 
@@ -327,12 +330,24 @@ def _full_recipe(cfg: DemoConfig, base: Path, sft: Path, train_file: Path, held_
     return recipe, restored
 
 
+# What a demo run folder holds: the demo reuses and replaces its own steps in such a folder only.
+DEMO_MARKERS = ("data/settings.json", "tokenizer/demo_settings.json", "base/toucan.json", "summary.json")
+
+
+def check_run_folder(out: Path) -> None:
+    """Refuse a non-empty --output that is not a demo run folder (the demo replaces the steps it
+    redoes, so it must not run in a folder of other data, or in the working directory)."""
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in DEMO_MARKERS):
+        raise OutputError(f"output {out} is not empty and is not a demo run folder: choose a new or empty one")
+
+
 def run_demo(cfg: DemoConfig) -> int:
     import torch
 
     t0 = time.time()
     torch.set_num_threads(cfg.threads or auto_threads())
     out = Path(cfg.output)
+    check_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 

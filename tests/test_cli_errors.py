@@ -76,6 +76,13 @@ def test_chat_plain_invalid_utf8_on_stdin_is_one_line(tiny_model_dir, capsys, mo
     assert cli.main(["chat", "--model", str(tiny_model_dir), "--plain", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "toucan chat: error: --plain: stdin is not UTF-8 text (byte 10, line 2)"
+    # interactive: a line of bad bytes (read as lone surrogates, as Python's stdin does under a C
+    # locale) is skipped with a note, and the chat goes on
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n\xe4\xbd\xa0\xe5\xa5\xbd\n/exit\n"),
+                                                       encoding="utf-8", errors="surrogateescape"))
+    assert cli.main(["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "[this line is not UTF-8 text: ignored]" in err and out.count("Toucan:") == 1
 
 
 NOISE = ["_C_mxfp8", "Failed to load", "triton", "_pytree", "register_constant", "Setting accelerator",

@@ -98,8 +98,16 @@ def run_chat(cfg: ChatConfig) -> int:
         except KeyboardInterrupt:
             print()
             break
+        except UnicodeDecodeError:  # a strict (non-C) locale's stdin
+            print("[this line is not UTF-8 text: ignored]", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
+            continue
+        try:  # stdin decodes bad bytes to lone surrogates (surrogateescape), which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            print("[this line is not UTF-8 text: ignored]", file=sys.stderr)
             continue
         word, _, arg = text.partition(" ")
         cmd = ALIASES.get(word, word)

@@ -129,14 +129,14 @@ def main() -> None:
         size = du(target)
         print(f"built base + target in {time.perf_counter() - t0:.0f} s: {params / 1e9:.2f}B parameters, "
               f"fp16, target {size / GB:.2f} GiB in {args.shards} shards, largest tensor {largest / GB:.3f} GiB")
-        make_s, make_rss, _ = timed([TOUCAN, "-q", "make-delta", "--base", str(base), "--target", str(target),
-                                  "--delta", str(tmp / "delta"), "--max_shard_size", "1GB"])
+        make_s, make_rss, _ = timed([TOUCAN, "-q", "make-delta", "--base", str(base), "--model", str(target),
+                                  "--output", str(tmp / "delta"), "--max-shard-size", "1GB"])
         print(f"make-delta: {make_s:.1f} s, peak RSS {make_rss / GB:.2f} GiB")
         cp_runs, apply_runs = [], []
         for i in range(args.repeat):
             cp_runs.append(timed(["cp", "-r", str(target), str(tmp / f"copy{i}")]))
             apply_runs.append(timed([TOUCAN, "-q", "apply-delta", "--base", str(base), "--delta", str(tmp / "delta"),
-                                     "--target", str(tmp / f"restored{i}")]))
+                                     "--output", str(tmp / f"restored{i}")]))
             shutil.rmtree(tmp / f"copy{i}")
             if i:
                 shutil.rmtree(tmp / f"restored{i}")

@@ -77,14 +77,14 @@ def main() -> None:
     work.mkdir(parents=True)
     make_model(work / "model")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    gen_s = run(["eval", "generate", "--model", str(work / "model"), "--eval-set", a.eval_set,
+    gen_s = run(["eval", "generate", "--model", str(work / "model"), "--data", a.eval_set,
                  "--output", str(work / "answers.jsonl"), "--model-name", "tiny-random", "--max-new-tokens",
                  str(a.max_new_tokens), "--batch-size", str(a.batch_size), "--device", a.device], env=env)
     n = lines(work / "answers.jsonl") - 1
 
     server, url = start_judge(work)
     try:
-        judge = lambda out, cache: ["eval", "judge", "--answers", str(work / "answers.jsonl"), "--prompts", a.prompts,  # noqa: E731
+        judge = lambda out, cache: ["eval", "judge", "--data", str(work / "answers.jsonl"), "--prompts", a.prompts,  # noqa: E731
                                     "--judge-url", f"{url}/v1", "--judge-model", "scripted", "--output", str(out),
                                     "--cache", str(cache), "--concurrency", str(a.concurrency)]
         cache = work / "judge_cache.jsonl"

@@ -144,3 +144,18 @@ def test_quantize_merges_an_adapter_first(trained, tmp_path, caplog):
     opts = GenerationOptions(max_new_tokens=24, temperature=0, do_sample=False, repetition_penalty=1.0)
     ask = lambda e: e.generate(e.chat_prompt([], "你好", 24)[0], opts).text  # noqa: E731
     assert ask(Engine.from_dir(out, device="cpu")) == ask(Engine.from_dir(trained / "merged", device="cpu"))
+
+
+def test_eval_generate_on_adapter_equals_merged(trained, tmp_path):
+    from test_eval import _mini_set
+
+    from toucan.eval.items import read_records
+
+    eval_set = _mini_set(tmp_path / "set.jsonl", per_class=1)
+    got = []
+    for model in ("adapter", "merged"):
+        out = tmp_path / f"{model}.jsonl"
+        assert cli.main(["-q", "eval", "generate", "--model", str(trained / model), "--data", str(eval_set),
+                         "--output", str(out), "--limit", "3", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+        got.append([a["answer"] for a in read_records(out, "answers")[1]])
+    assert len(got[0]) == 3 and got[0] == got[1]

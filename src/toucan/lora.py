@@ -1,4 +1,4 @@
-"""LoRA through peft: wrap a model for `toucan train --finetuning_type lora`, and
+"""LoRA through peft: wrap a model for `toucan train --finetuning-type lora`, and
 `toucan merge-lora` to fold an adapter back into a full model directory. (Commands that take
 --model also load an adapter directly: toucan.modeling.load_adapter.)
 

@@ -63,7 +63,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not (p / "config.json").is_file():
         if is_adapter(p):  # reached only by commands that need a full model (train, make-delta, ...)
             raise ModelError(f"{path}: a LoRA adapter, not a full model; merge it into its base first: "
-                             f"toucan merge-lora --adapter {path} --output DIR")
+                             f"toucan merge-lora --model {path} --output DIR")
         raise ModelError(f"{path}: no config.json (not a Hugging Face model directory)")
     read_json_file(p / "config.json")
     if not any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS):  # a bare glob generator is always truthy

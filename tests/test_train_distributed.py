@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-
 HERE = Path(__file__).resolve()
 
 
@@ -27,7 +25,7 @@ def worker(mode: str, model_dir: str, data: str, out: str, info_path: str) -> No
 
     from toucan.cli import setup_logging
     from toucan.config import TrainConfig
-    from toucan.train import rank, train
+    from toucan.train import rank, shutdown_distributed, train
 
     setup_logging()
     cfg = TrainConfig(model=model_dir, data=[data], output=out, max_steps=3,
@@ -64,6 +62,7 @@ def worker(mode: str, model_dir: str, data: str, out: str, info_path: str) -> No
         save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(info_path).with_suffix(".safetensors")))
         Path(info_path).write_text(json.dumps(info))
     torch.distributed.barrier()
+    shutdown_distributed()   # as `toucan train` does: exiting with a live gloo group can SIGABRT (train.py)
 
 
 def zero3_resize_check(cfg) -> dict:
@@ -92,11 +91,32 @@ def zero3_resize_check(cfg) -> dict:
     return out
 
 
-def run_torchrun(mode: str, model_dir: Path, data: Path, out: Path, info: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+def run_torchrun(mode: str, model_dir: Path, data: Path, out: Path, info: Path,
+                 ext_dir: Path) -> subprocess.CompletedProcess:
+    # ext_dir as TORCH_EXTENSIONS_DIR: an empty one per run, so a JIT op build (DeepSpeed's CPU ops,
+    # minutes on 2 cores, two ranks racing for one cache) cannot hide behind a warm cache; the test
+    # checks that nothing was built.
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ext_dir),
+               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # --standalone: the agent binds its rendezvous store on a port the OS picks (localhost:0), not a
+    # port chosen here and bound seconds later, which another process may take in between.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE), mode, str(model_dir), str(data), str(out), str(info)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
+    # Both ranks' full output is kept next to the test's files: torchrun's summary at the end of
+    # stderr says only which rank died of which signal, the reason is printed earlier.
+    info.with_name("torchrun.stdout").write_text(r.stdout)
+    info.with_name("torchrun.stderr").write_text(r.stderr)
+    return r
+
+
+def failure_report(r: subprocess.CompletedProcess, log_dir: Path) -> str:
+    """The lines of a failed run that say why (fatal errors, C++ terminate, tracebacks' last lines),
+    then the tail of stderr."""
+    keys = ("Error", "error:", "terminate called", "Fatal Python", "Signal ", "exitcode", "Aborted", "what():")
+    why = [ln for ln in r.stderr.splitlines() if any(k in ln for k in keys) and "Warning" not in ln]
+    return (f"torchrun exit {r.returncode}; full logs in {log_dir}/torchrun.std{{out,err}}\n"
+            + "\n".join(why[-40:]) + "\n--- stderr tail ---\n" + r.stderr[-4000:])
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +139,11 @@ def test_two_process_training_saves_reloadable_model(mode, tmp_path, dist_model_
     from toucan.manifest import read_manifest, verify_manifest
 
     data = write_data(tmp_path / "d.json", n=24)
-    out, info_path = tmp_path / "out", tmp_path / "info.json"
-    r = run_torchrun(mode, dist_model_dir, data, out, info_path)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-6000:])
+    out, info_path, ext_dir = tmp_path / "out", tmp_path / "info.json", tmp_path / "torch_extensions"
+    r = run_torchrun(mode, dist_model_dir, data, out, info_path, ext_dir)
+    assert r.returncode == 0, failure_report(r, tmp_path)
+    built = sorted(str(p.relative_to(ext_dir)) for p in ext_dir.rglob("*")) if ext_dir.exists() else []
+    assert built == [], f"a torch extension was JIT-built during the run (first CPU run: minutes): {built}"
     info = json.loads(info_path.read_text())
     expected_wrapper = {"ddp": "DistributedDataParallel", "zero2": "DeepSpeedEngine", "zero3": "DeepSpeedEngine"}
     if mode == "fsdp":
@@ -149,6 +171,25 @@ def test_two_process_training_saves_reloadable_model(mode, tmp_path, dist_model_
         assert w.numel() > 0 and torch.allclose(saved[name], w, atol=1e-6), name
     base = AutoModelForCausalLM.from_pretrained(dist_model_dir)
     assert not torch.allclose(saved["model.layers.0.mlp.down_proj.weight"], base.model.layers[0].mlp.down_proj.weight)
+
+
+def test_train_command_destroys_its_process_group(tmp_path, tiny_model_dir):
+    """`toucan train` leaves no live process group behind for interpreter exit, where gloo's
+    threads can abort the process after a good run (see train.shutdown_distributed). A 1-rank
+    gloo group stands in for torchrun's: the same object the Trainer then trains under."""
+    import torch.distributed as dist
+
+    from test_train import tcfg, write_data
+    from toucan.train import run_train
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert run_train(tcfg(tiny_model_dir, write_data(tmp_path / "d.json", n=8), tmp_path / "out",
+                              max_steps=1)) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

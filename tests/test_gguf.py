@@ -368,3 +368,35 @@ def test_check_gguf_truncated_and_corrupted(exported, tmp_path):
     with pytest.raises(GgufError, match="no such"):
         check_gguf(tmp_path / "missing.gguf")
     assert check_gguf(good)["n_tensors"] == 21
+
+
+@pytest.mark.slow
+def test_lora_adapter_is_merged_first(tiny_model_dir, tmp_path, tiny_tok):
+    """--model ADAPTER_DIR: the GGUF holds base + adapter merged (its logits in llama.cpp equal the
+    merged HF model's), and the manifest says so."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                     "down_proj"],
+                                                 init_lora_weights=False))  # random B: the merge changes weights
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tiny_model_dir)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    merged = peft_model.merge_and_unload().eval()
+    ids = [tiny_tok.bos_token_id] + tiny_tok(MIXED[0] + MIXED[1], add_special_tokens=False).input_ids
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids])).logits[0].double().numpy()
+    f = tmp_path / "a.gguf"
+    assert cli.main(["export", "gguf", "--model", str(adapter), "--output", str(f)]) == 0
+    got = llama_logits(f, ids)
+    assert kl(ref, got) < 1e-6
+    assert kl(hf_logits(tiny_model_dir, ids), got) > 100 * kl(ref, got)  # the adapter did change it
+    m = json.loads(manifest_path(f).read_text())
+    assert m["merged_lora_adapter"] is True and m["source"] == str(adapter)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the merged copy is gone

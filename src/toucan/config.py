@@ -461,7 +461,9 @@ GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 class ExportGgufConfig:
     """Export a LLaMA model (full precision or toucan's GPTQ output) as one GGUF file for llama.cpp."""
 
-    model: str = opt(None, "model directory: full precision, or a GPTQ directory from toucan quantize", required=True)
+    model: str = opt(None, "model directory: full precision, a GPTQ directory from toucan quantize, or a LoRA "
+                           "adapter directory (merged into its base first)", required=True)
+    base: Optional[str] = opt(None, BASE_HELP)
     output: str = opt(None, "FILE.gguf to write (atomically; FILE.gguf.toucan.json is written beside it)",
                       required=True)
     # No argparse `choices`: a wrong value gets the same one-line error from the CLI and a --config file.
@@ -470,6 +472,7 @@ class ExportGgufConfig:
     template: str = opt(DEFAULT_TEMPLATE, "prompt template written as tokenizer.chat_template", choices=sorted(TEMPLATES))
     threads: int = opt(0, "threads for llama.cpp's quantizer (q4_k_m; 0 = all cores)")
     overwrite: bool = opt(False, "replace an existing output that toucan export wrote")
+    trust_remote_code: bool = opt(False, TRUST_REMOTE_CODE_HELP + " (only a LoRA adapter's base is loaded as a model)")
 
 
 @dataclass

@@ -32,6 +32,8 @@ from .config import GGUF_TYPES
 from . import fsutil
 from .errors import ConfigError, GgufError, ModelError, OutputError
 from .fsutil import atomic_write_json, sha256_file
+from .delta_io import Weights
+from .modeling import check_model_dir, is_adapter, merged_model_dir
 from .prompts import chat_template
 
 log = logging.getLogger(__name__)
@@ -104,9 +106,6 @@ class Source:
 
 
 def read_source(model_dir: str | os.PathLike) -> Source:
-    from .delta_io import Weights
-    from .modeling import check_model_dir
-
     d = check_model_dir(model_dir)
     cfg_path = d / "config.json"
     try:
@@ -114,7 +113,8 @@ def read_source(model_dir: str | os.PathLike) -> Source:
     except (OSError, ValueError) as e:
         raise ModelError(f"{cfg_path}: not readable JSON ({e})") from None
     archs = config.get("architectures") or []
-    if config.get("model_type") != "llama" or not any(a in LLAMA_ARCHITECTURES for a in archs):
+    # architectures may be missing (a bare LlamaConfig.save_pretrained); model_type must be llama
+    if config.get("model_type") != "llama" or (archs and not any(a in LLAMA_ARCHITECTURES for a in archs)):
         raise ModelError(f"{cfg_path}: field 'architectures' is {archs or config.get('model_type')!r}: "
                          f"GGUF export supports LLaMA models ({', '.join(LLAMA_ARCHITECTURES)}) only")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -478,16 +478,25 @@ def _convert(src: Source, gname: str, base: str, part: str, qtype, gtype: str):
 
 
 def export_gguf(model: str | os.PathLike, output: str | os.PathLike, gtype: str = "f16", *,
-                template: str = "alpaca", overwrite: bool = False, threads: int = 0, config=None) -> dict:
+                base: str | os.PathLike | None = None, template: str = "alpaca", overwrite: bool = False,
+                threads: int = 0, trust_remote_code: bool = False, config=None) -> dict:
     """Write `model` as a GGUF file `output` atomically, with `output`.toucan.json beside it.
+    A LoRA adapter directory is merged into its base first (`base`, or the one it records).
     Returns the manifest."""
+    if gtype not in TYPES:
+        raise ConfigError(f"--type {gtype!r}: choose one of {', '.join(TYPES)}")
+    out = check_output_path(output, overwrite, model)
+    with merged_model_dir(model, base, near=out, trust_remote_code=trust_remote_code) as full:
+        return _export(Path(full), out, gtype, template, threads, config, source=Path(model),
+                       adapter=is_adapter(model))
+
+
+def _export(model: Path, out: Path, gtype: str, template: str, threads: int, config, source: Path,
+            adapter: bool) -> dict:
     import gguf
     import numpy as np
     from gguf import GGMLQuantizationType as T
 
-    if gtype not in TYPES:
-        raise ConfigError(f"--type {gtype!r}: choose one of {', '.join(TYPES)}")
-    out = check_output_path(output, overwrite, model)
     t0 = time.time()
     src = read_source(model)
     vocab = read_vocab(src)
@@ -495,7 +504,7 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, gtype: str 
     tensors = []
     with _temp_beside(out) as tmp:
         w = gguf.GGUFWriter(None, "llama")
-        _metadata(w, src, vocab, gtype, template, name=src.dir.name)
+        _metadata(w, src, vocab, gtype, template, name=source.name)
         for tname, _, qtype, shape in plan:
             # Shapes alone give every tensor's size, so the header goes out before any data is read.
             raw = {T.F32: np.float32, T.F16: np.float16}.get(qtype)
@@ -523,7 +532,9 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, gtype: str 
         size = tmp.stat().st_size
         _publish(tmp, out)
     manifest = {
-        "command": "export gguf", "source": str(src.dir), "type": gtype, "file": out.name,
+        "command": "export gguf", "source": str(source), "type": gtype, "file": out.name,
+        "source_sha256": _source_hashes(source),
+        "merged_lora_adapter": adapter,
         "sha256": digest, "size": size, "seconds": round(time.time() - t0, 2),
         "source_format": "gptq" if src.gptq else "full-precision",
         "gptq": src.gptq and {k: src.gptq.get(k) for k in ("bits", "group_size", "sym", "desc_act",
@@ -542,6 +553,13 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, gtype: str 
     atomic_write_json(manifest_path(out), manifest)
     log.info("%s: %s, %d tensors, %.1f MB in %.1f s", out, gtype, len(tensors), size / 1e6, time.time() - t0)
     return manifest
+
+
+def _source_hashes(source: Path) -> dict:
+    """sha256 of the source's small files (config, tokenizer, adapter config); the weights' own
+    hashes are in the source's toucan.json when toucan wrote it (not re-read here: GBs)."""
+    names = ("config.json", "tokenizer.model", "tokenizer_config.json", "adapter_config.json", "toucan.json")
+    return {n: sha256_file(source / n) for n in names if (source / n).is_file()}
 
 
 def _llama_quantize(f16_path: Path, out: Path, tensors: list[dict], threads: int) -> list[dict]:
@@ -645,8 +663,9 @@ def gguf_tokenizer(path: str | os.PathLike):
 
 def run_export_gguf(cfg) -> int:
     """`toucan export gguf --model DIR --output FILE.gguf --type f16|bf16|q8_0|q4_0|q4_k_m`."""
-    m = export_gguf(cfg.model, cfg.output, cfg.type, template=cfg.template, overwrite=cfg.overwrite,
-                    threads=cfg.threads, config=cfg)
+    m = export_gguf(cfg.model, cfg.output, cfg.type, base=cfg.base, template=cfg.template,
+                    overwrite=cfg.overwrite, threads=cfg.threads, trust_remote_code=cfg.trust_remote_code,
+                    config=cfg)
     paths: dict[str, int] = {}
     for t in m["tensors"]:
         key = t["path"].split(" (")[0]

@@ -120,9 +120,15 @@ class HelpFormatter(argparse.HelpFormatter):
         return super()._format_action_invocation(action)
 
 
+# Help lists these first, in this order, in every command (shared option groups come first in
+# dataclass order otherwise, which put chat's --model after twenty sampling options).
+FIRST = ("model", "base", "data", "output")
+
+
 def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = sorted(dataclasses.fields(cls), key=lambda f: FIRST.index(f.name) if f.name in FIRST else len(FIRST))
+    for f in fields:  # sorted() is stable: the other fields keep their dataclass order
         if f.name == "extra_args":
             continue
         _add_field(p, f, hints[f.name])

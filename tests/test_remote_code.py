@@ -166,6 +166,31 @@ def test_the_flag_allows_it(planted, inputs, capsys, monkeypatch):
         rc, err = run(capsys, argv + ["--trust-remote-code"])
         assert rc == 0, err
         assert marker.exists(), f"{command}: the flag did not reach the loader"
+    # merge-lora: a real adapter trained on this base (peft, a few rows), merged with the flag
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from toucan.modeling import load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32, trust_remote_code=True)
+    adapter = inputs["out"].with_name("adapter-real")
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(str(adapter))
+    load_tokenizer(model).save_pretrained(str(adapter))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(model)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    for k in [k for k in sys.modules if k.endswith(".modeling_evil")]:
+        del sys.modules[k]
+    shutil.rmtree(hf_module_dir(model), ignore_errors=True)
+    marker.unlink(missing_ok=True)
+    rc, err = run(capsys, ["merge-lora", "--base", str(model), "--model", str(adapter),
+                           "--output", str(inputs["out"].with_name("merged"))])
+    assert rc != 0 and "--trust-remote-code" in error_lines(err)[0] and not marker.exists()
+    rc, err = run(capsys, ["merge-lora", "--base", str(model), "--model", str(adapter),
+                           "--output", str(inputs["out"].with_name("merged")), "--trust-remote-code"])
+    assert rc == 0, err
+    assert marker.exists()
 
 
 def test_delta_commands_copy_but_never_run_model_code(planted, tiny_model_dir, tmp_path, capsys):
@@ -175,6 +200,9 @@ def test_delta_commands_copy_but_never_run_model_code(planted, tiny_model_dir, t
     assert run(capsys, ["apply-delta", "--base", str(tiny_model_dir), "--delta", str(delta), "--output", str(restored)])[0] == 0
     assert run(capsys, ["check-delta", "--base", str(tiny_model_dir), "--delta", str(delta), "--model", str(restored)])[0] == 0
     assert (restored / "modeling_evil.py").is_file()  # passed on as a file, as a model folder ships it
+    if "export gguf" in cli.COMMANDS:  # reads config.json and the tensors itself
+        rc, err = run(capsys, ["export", "gguf", "--model", str(model), "--output", str(tmp_path / "m.gguf")])
+        assert rc == 0, err
     assert not marker.exists() and not hf_module_dir(model).exists()
     rc, err = run(capsys, ["chat", "--model", str(restored), "--plain"])  # and loading the result is refused
     assert rc != 0 and "--trust-remote-code" in error_lines(err)[0]

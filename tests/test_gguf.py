@@ -272,10 +272,15 @@ def test_gptq_sym_g32_exports_to_q4_0_bit_exactly(tiny_model_dir, tmp_path, tiny
 
 def test_chat_template_equals_build_prompt_property(tiny_tok):
     """transformers' apply_chat_template (with toucan's template, as every tokenizer_config.json
-    toucan writes carries it) == prompts.chat_prompt, byte for byte, for random message lists."""
+    toucan writes carries it) and llama-cpp-python's formatter (the GGUF's template) ==
+    prompts.chat_prompt, byte for byte, for random message lists."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    # llama-cpp-python's chat formatter, built from the template the GGUF carries, must agree too
+    fmt = Jinja2ChatFormatter(template=chat_template(), bos_token="<s>", eos_token="</s>")
     text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 
     @settings(max_examples=150, deadline=None)
@@ -289,6 +294,7 @@ def test_chat_template_equals_build_prompt_property(tiny_tok):
         assert tiny_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == want
         without = tiny_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
         assert without + "### Response:" == want
+        assert fmt(messages=msgs).prompt == want
 
     check()
     with pytest.raises(Exception, match="alternating"):

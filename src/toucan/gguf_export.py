@@ -575,7 +575,15 @@ def _llama_quantize(f16_path: Path, out: Path, tensors: list[dict], threads: int
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
         params.nthread = threads or (os.cpu_count() or 1)
-        rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(q).encode(), params)
+        # llama.cpp logs a line per tensor through llama-cpp-python's logger (NOTSET: all of it):
+        # only errors, unless toucan runs with -vv
+        qlog = logging.getLogger("llama-cpp-python")
+        saved = qlog.level
+        qlog.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(q).encode(), params)
+        finally:
+            qlog.setLevel(saved)
         if rc != 0:
             raise ModelError(f"{out}: llama.cpp's quantizer failed (code {rc})")
         os.replace(q, f16_path)

@@ -53,6 +53,8 @@ BAD_REPLIES = {
     "no_choices": ('{"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "m", "choices": []}',
                    "application/json"),
     "not_object": ('["choices"]', "application/json"),
+    "no_message": ('{"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": '
+                   '[{"index": 0, "finish_reason": "stop", "message": null}]}', "application/json"),
     "content_number": ('{"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": '
                        '[{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": 7}}]}',
                        "application/json"),

@@ -105,7 +105,10 @@ def _completion_content(r) -> tuple[str, dict | None]:
     choices = getattr(r, "choices", None)
     if not isinstance(choices, list) or not choices:
         raise MalformedReply(f"reply has no choices (choices={choices!r})")
-    content = getattr(getattr(choices[0], "message", None), "content", None)
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        raise MalformedReply("reply's first choice has no message")
+    content = getattr(message, "content", None)  # None is legal (a refusal): no score in it
     if content is not None and not isinstance(content, str):
         raise MalformedReply(f"reply content is {type(content).__name__}, not text")
     usage, u = None, getattr(r, "usage", None)

@@ -114,6 +114,24 @@ def test_q4_k_m_through_llama_cpp_quantizer(tiny_model_dir, tmp_path, tiny_tok):
     assert kl(hf_logits(tiny_model_dir, ids), llama_logits(f, ids)) < 0.05
 
 
+def test_vocabulary_metadata(exported):
+    """Pieces, scores and types (normal, unknown, control, byte) as SentencePiece has them."""
+    import gguf
+
+    from toucan.tokenizer import read_model_proto
+
+    proto = read_model_proto(TINY_TOKENIZER / "tokenizer.model")
+    f = gguf.GGUFReader(exported / "tiny-q8_0.gguf").fields
+    assert list(f["tokenizer.ggml.token_type"].contents()) == [p.type for p in proto.pieces]
+    assert list(f["tokenizer.ggml.tokens"].contents()) == [p.piece for p in proto.pieces]
+    assert np.allclose(f["tokenizer.ggml.scores"].contents(), [p.score for p in proto.pieces])
+    assert {p.type for p in proto.pieces} >= {1, 2, 3, 6}  # the test means something
+    ts = proto.trainer_spec
+    assert [f[f"tokenizer.ggml.{k}_token_id"].contents() for k in ("bos", "eos", "unknown")] == \
+        [ts.bos_id, ts.eos_id, ts.unk_id]
+    assert f["tokenizer.ggml.add_bos_token"].contents() is True and f["tokenizer.ggml.model"].contents() == "llama"
+
+
 def test_tiny_tokenizer_ids_and_chat_template(exported, tiny_tok):
     llm = llama(exported / "tiny-f16.gguf", vocab_only=True)
     try:

@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import GGUF_TYPES
 from . import fsutil
+from .config import GGUF_TYPES
+from .delta_io import Weights
 from .errors import ConfigError, GgufError, ModelError, OutputError
 from .fsutil import atomic_write_json, sha256_file
-from .delta_io import Weights
 from .modeling import check_model_dir, is_adapter, merged_model_dir
 from .prompts import chat_template
 
@@ -115,8 +115,9 @@ def read_source(model_dir: str | os.PathLike) -> Source:
     archs = config.get("architectures") or []
     # architectures may be missing (a bare LlamaConfig.save_pretrained); model_type must be llama
     if config.get("model_type") != "llama" or (archs and not any(a in LLAMA_ARCHITECTURES for a in archs)):
-        raise ModelError(f"{cfg_path}: field 'architectures' is {archs or config.get('model_type')!r}: "
-                         f"GGUF export supports LLaMA models ({', '.join(LLAMA_ARCHITECTURES)}) only")
+        what = f"'architectures' is {archs}" if archs else f"'model_type' is {config.get('model_type')!r}"
+        raise ModelError(f"{cfg_path}: field {what}: GGUF export supports LLaMA models "
+                         f"({', '.join(LLAMA_ARCHITECTURES)}) only")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear"):
         raise ModelError(f"{cfg_path}: field 'rope_parameters': rope_type {rope.get('rope_type')!r} is not "
@@ -190,7 +191,7 @@ def gptq_codes(src: Source, base: str):
     # The "gptq" (v1) checkpoint format stores zero - 1 (a historical off-by-one that every loader
     # undoes); "gptq_v2" stores the zero itself.
     if src.gptq.get("checkpoint_format", "gptq") != "gptq_v2":
-        zeros = (zeros + 1) & ((1 << bits) - 1) if bits == 8 else zeros + 1
+        zeros = zeros + 1
     if f"{base}.g_idx" in src.weights.meta:
         g_idx = src.weights.get(f"{base}.g_idx").to(torch.long)
     else:
@@ -244,7 +245,9 @@ def gptq_q4_0_blocks(src: Source, base: str, perm=None):
 # Tokenizer metadata (SentencePiece's ModelProto is the reference: Chinese-LLaMA was trained with
 # it and llama.cpp's "llama" tokenizer follows it)
 
-SP_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+# SentencePiece's piece types (ModelProto.SentencePiece.Type) have gguf.TokenType's numbers:
+# NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6, so they are copied as they are.
+USER_DEFINED = 4
 SP_MODEL_KEY = "toucan.tokenizer.sentencepiece_model"  # the tokenizer.model bytes (uint8 array)
 
 
@@ -281,7 +284,7 @@ def read_vocab(src: Source) -> Vocab:
                          "(vocabulary larger than the embedding: wrong tokenizer for this model?)")
     # User-defined pieces are matched in the raw text by llama.cpp (before spaces become "▁"), so
     # they are written with spaces, as llama.cpp's converter writes user-defined tokens.
-    tokens = [p.piece.replace("\u2581", " ") if p.type == 4 else p.piece for p in proto.pieces]
+    tokens = [p.piece.replace("\u2581", " ") if p.type == USER_DEFINED else p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
     # Rows beyond the pieces (Chinese-LLaMA: 49,953 pieces, 49,954 rows) get placeholder tokens no
@@ -294,7 +297,7 @@ def read_vocab(src: Source) -> Vocab:
     pad = src.config.get("pad_token_id")
     if not isinstance(pad, int) or not 0 <= pad < src.n_vocab:
         pad = ts.pad_id if ts.pad_id >= 0 else ts.unk_id  # toucan pads with unk (modeling.load_tokenizer)
-    if any(p.type == 4 for p in proto.pieces) and proto.normalizer_spec.add_dummy_prefix:
+    if any(p.type == USER_DEFINED for p in proto.pieces) and proto.normalizer_spec.add_dummy_prefix:
         log.warning("%s: user-defined pieces with a dummy prefix: llama.cpp's own tokenizer puts a space "
                     "after each of them, SentencePiece does not; toucan's llama.cpp backend tokenizes with "
                     "the SentencePiece model stored in the GGUF instead", path)
@@ -305,7 +308,7 @@ def read_vocab(src: Source) -> Vocab:
                  add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix),
                  remove_extra_whitespaces=bool(proto.normalizer_spec.remove_extra_whitespaces),
                  byte_fallback=bool(ts.byte_fallback), model_bytes=path.read_bytes(),
-                 user_defined=sum(p.type == 4 for p in proto.pieces))
+                 user_defined=sum(p.type == USER_DEFINED for p in proto.pieces))
 
 
 # ----------------------------------------------------------------------------------------------

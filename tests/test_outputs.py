@@ -24,7 +24,7 @@ from conftest import TINY_TOKENIZER
 from toucan import cli
 from toucan.errors import OutputError
 from toucan.eval.items import CLASSES
-from toucan.fsutil import _host_tag, atomic_dir, check_output, remove_stale_temps
+from toucan.fsutil import _host_tag, atomic_dir, check_output, remove_stale_temps, temp_prefix
 
 
 def run(capsys, argv):
@@ -305,3 +305,8 @@ def test_stale_file_temporary_and_old_folder_are_removed(tmp_path, capsys, world
     assert run(capsys, ["data", world["sft"], "--output", target])[0] == 0
     assert target.is_file() and not torn.exists() and not old.exists()
     assert remove_stale_temps(target) == []
+    # what a quantize of a LoRA adapter leaves when killed: the merged copy, named after its output
+    merged = tmp_path / temp_prefix(tmp_path / "q4").replace(str(os.getpid()), str(pid), 1)
+    merged = merged.with_name(merged.name + "merged-x1")
+    merged.mkdir()
+    assert remove_stale_temps(tmp_path / "q4") == [merged] and not merged.exists()

@@ -116,6 +116,12 @@ def _owner() -> str:
     return f"{os.getpid()}-{_host_tag()}"
 
 
+def temp_prefix(target: str | os.PathLike) -> str:
+    """The name prefix of a temporary that stands for `target` while it is written (a sibling of
+    it): remove_stale_temps(target) recognises it once its process is gone."""
+    return f".{Path(os.path.abspath(target)).name}.tmp-{_owner()}-"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -215,7 +221,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, inputs: Itera
     check_output(target, overwrite=overwrite, inputs=inputs, markers=markers)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     try:
         yield tmp
         _publish_mode(tmp, is_dir=True)

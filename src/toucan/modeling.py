@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ModelError
+from .fsutil import remove_stale_temps, temp_prefix
 from .prompts import chat_template
 from .tokenizer import finish_tokenizer_dir, sentencepiece_tokenizer
 
@@ -313,7 +314,12 @@ def merged_model_dir(path: str | os.PathLike, base: str | os.PathLike | None = N
     model = load_adapter(path, b, device="cpu", dtype="float32", trust_remote_code=trust_remote_code,
                          tokenizer=tokenizer)
     parent = Path(near).absolute().parent if near is not None else None
-    with tempfile.TemporaryDirectory(prefix=".toucan-merged-", dir=parent if parent and parent.is_dir() else None) as d:
+    prefix = ".toucan-merged-"
+    if parent is not None and parent.is_dir():
+        # named after the output, so a killed run's full-size copy is removed by the next run
+        remove_stale_temps(near)
+        prefix = temp_prefix(near) + "merged-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=parent if parent and parent.is_dir() else None) as d:
         model.save_pretrained(d, safe_serialization=True)
         tokenizer.save_pretrained(d)
         del model

@@ -91,8 +91,9 @@ def train(out: Path, args, seed: int = 0) -> Path:
         opt.zero_grad()
         if step % 25 == 0 or step == steps - 1:
             print(f"train step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    # overwrite: a model this bench trained before with other settings (checked above) is replaced
     save_model_dir(out / "fp32", model.float().cpu().eval(), tok, command="bench-quant-train",
-                   config={**want, "seconds": round(time.perf_counter() - t0)})
+                   config={**want, "seconds": round(time.perf_counter() - t0)}, overwrite=True)
     return out / "fp32"
 
 
@@ -163,7 +164,7 @@ def main() -> int:
         qdir = out / name
         cfg = QuantizeConfig(model=str(fp32), output=str(qdir), bits=4, group_size=128,
                              data=str(out / "train.jsonl"), calib_samples=args.calib_samples,
-                             max_len=args.calib_max_len, device=args.device, **kw)
+                             max_len=args.calib_max_len, device=args.device, overwrite=True, **kw)
         t0 = time.perf_counter()
         run_quantize(cfg)
         quant_s = time.perf_counter() - t0

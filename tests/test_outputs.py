@@ -310,3 +310,19 @@ def test_stale_file_temporary_and_old_folder_are_removed(tmp_path, capsys, world
     merged = merged.with_name(merged.name + "merged-x1")
     merged.mkdir()
     assert remove_stale_temps(tmp_path / "q4") == [merged] and not merged.exists()
+
+
+def test_chat_save_replaces_only_a_saved_chat(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import io
+
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    (tmp_path / "adir").mkdir()
+    script = "/save chat.json\n/save chat.json\n/save notes.json\n/save adir\n/exit\n"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(script.encode())))
+    assert cli.main(["chat", "--model", str(tiny_model_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[saved 0 turn(s) to chat.json]") == 2       # its own save: replaced
+    assert "[cannot save to notes.json: " in out and notes.read_text() == '{"mine": true}'
+    assert "[cannot save to adir: " in out

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ..config import ChatConfig
 from ..engine import Engine, options_from
-from ..errors import ConfigError
-from ..fsutil import atomic_write_json
+from ..errors import ConfigError, OutputError
+from ..fsutil import atomic_write_json, check_output
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,15 @@ def read_plain_question(stream) -> str:
         raise ConfigError(f"--plain: stdin is not UTF-8 text (byte {e.start}, line {line})") from None
 
 
+def _is_saved_chat(path: str) -> bool:
+    """A file /save wrote: a JSON list of {role, content} messages (so /save may replace it)."""
+    try:
+        msgs = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(msgs, list) and all(isinstance(m, dict) and set(m) <= {"role", "content"} for m in msgs)
+
+
 def run_chat(cfg: ChatConfig) -> int:
     engine = Engine.from_config(cfg)
     opts = options_from(cfg)
@@ -131,7 +140,12 @@ def run_chat(cfg: ChatConfig) -> int:
             if not arg:
                 print("[usage: /save FILE]")
                 continue
-            atomic_write_json(arg, history_to_messages(history))
+            try:  # replaces a chat saved before, never some other file (fsutil.check_output)
+                check_output(arg, overwrite=_is_saved_chat(arg), is_dir=False)
+                atomic_write_json(arg, history_to_messages(history))
+            except (OSError, OutputError) as e:  # a bad path must not end the chat
+                print(f"[cannot save to {arg}: {e}]")
+                continue
             print(f"[saved {len(history)} turn(s) to {arg}]")
         elif cmd == "/load":
             try:

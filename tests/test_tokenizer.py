@@ -102,3 +102,14 @@ def test_merge_order_scores_and_cli(tmp_path, capsys):
                      "--output", str(tmp_path / "bad")]) == 2
     assert "bad.model: not a SentencePiece model" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_sentencepiece_tokenizer_pickles_and_decodes_bytes(tiny_tok):
+    """toucan's tokenizer survives pickling (DataLoader workers, datasets' num_proc) and decodes
+    byte-fallback pieces as SentencePiece does (transformers 5.24's SentencePieceBackend gives '<0x0A>')."""
+    import pickle
+
+    again = pickle.loads(pickle.dumps(tiny_tok))
+    text = "a\n\nb 😀 中文"
+    assert again(text).input_ids == tiny_tok(text).input_ids
+    assert again.decode(again(text).input_ids, skip_special_tokens=True) == text

@@ -83,25 +83,6 @@ def merge_models(base, add) -> int:
     return n
 
 
-def _sentencepiece_class():
-    """transformers' SentencePieceBackend (encoding = SentencePiece's own) with SentencePiece's own
-    decoding: transformers 5.24's joins pieces as text, so byte pieces come out as "<0x0A>"."""
-    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
-
-    class SentencePieceTokenizer(SentencePieceBackend):
-        def convert_tokens_to_string(self, tokens: list[str]) -> str:
-            out, run = [], []
-            for t in tokens:  # special tokens are not pieces SentencePiece would decode
-                if t in self.all_special_tokens:
-                    out.append(self.sp_model.decode_pieces(run) + t if run else t)
-                    run = []
-                else:
-                    run.append(t)
-            return "".join(out) + (self.sp_model.decode_pieces(run) if run else "")
-
-    return SentencePieceTokenizer
-
-
 def sentencepiece_tokenizer(path: str | Path):
     """A transformers tokenizer that is SentencePiece: for a tokenizer.model file, or a directory
     holding one (its tokenizer_config.json's added tokens and pad token are kept). BOS/EOS/UNK are
@@ -121,7 +102,7 @@ def sentencepiece_tokenizer(path: str | Path):
     kw = dict(bos_token=piece(ts.bos_id), eos_token=piece(ts.eos_id), unk_token=piece(ts.unk_id),
               add_bos_token=True, add_eos_token=False, legacy=True, special_tokens_pattern="bos",
               clean_up_tokenization_spaces=False)
-    cls = _sentencepiece_class()
+    from .sp_tokenizer import SentencePieceTokenizer as cls  # transformers: imported only when needed
     try:
         tok = cls(vocab_file=str(model), **kw) if p.is_file() else cls.from_pretrained(str(p), **kw)
     except (OSError, ValueError, RuntimeError) as e:

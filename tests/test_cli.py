@@ -27,7 +27,7 @@ SYNONYMS = {
 NO_MODEL = {"data", "demo", "verify", "tokenizer extend", "apply-delta", "eval judge", "eval report"}
 NO_OUTPUT = {"chat", "web", "serve", "verify", "check-delta"}
 # Commands that take a LoRA adapter as --model and so --base for it.
-ADAPTER_COMMANDS = {"chat", "web", "serve", "eval generate", "ppl", "quantize", "merge-lora"}
+ADAPTER_COMMANDS = {"chat", "web", "serve", "eval generate", "ppl", "quantize", "merge-lora", "export gguf"}
 
 
 def subparser(name: str) -> argparse.ArgumentParser:

@@ -159,3 +159,15 @@ def test_eval_generate_on_adapter_equals_merged(trained, tmp_path):
                          "--output", str(out), "--limit", "3", "--max-new-tokens", "12", "--device", "cpu"]) == 0
         got.append([a["answer"] for a in read_records(out, "answers")[1]])
     assert len(got[0]) == 3 and got[0] == got[1]
+
+
+def test_adapter_without_its_own_tokenizer_uses_the_base_one(trained, tmp_path, tiny_tok):
+    from toucan.modeling import TOKENIZER_FILES, load_tokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(trained / "adapter", bare)
+    for f in bare.iterdir():
+        if f.name in TOKENIZER_FILES or f.name.startswith(("special_tokens", "tokenizer")):
+            f.unlink()
+    tok = load_tokenizer(bare)
+    assert tok.get_vocab() == tiny_tok.get_vocab()

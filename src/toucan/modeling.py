@@ -181,6 +181,8 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
     if is_adapter(path):
         return load_adapter(path, base, device=device, dtype=dtype, merge=merge_adapter,
                             trust_remote_code=trust_remote_code, **kwargs)
+    if base is not None:
+        log.warning("%s is not a LoRA adapter directory: --base %s is not used", path, base)
     p = check_model_dir(path)
     check_remote_code(p, trust_remote_code)
     device = resolve_device(device)

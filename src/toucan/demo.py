@@ -26,6 +26,7 @@ from .config import DemoConfig, GenerationOptions, TrainConfig
 from .errors import OutputError
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from .prompts import build_prompt, get_template
+from .tokenizer import finish_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def make_tokenizer(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
         (tmp / "tokenizer.model").write_bytes(model.getvalue())
         tok = load_tokenizer(tmp / "tokenizer.model")
         tok.save_pretrained(str(tmp))
+        finish_tokenizer_dir(tmp)  # toucan's chat template into tokenizer_config.json
         (tmp / "demo_settings.json").write_text(json.dumps(settings))
     return d
 

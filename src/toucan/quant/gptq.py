@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import QuantError
 from ..fsutil import atomic_dir, atomic_write_json, check_output
 from ..manifest import write_manifest
+from ..tokenizer import finish_tokenizer_dir
 from ..modeling import (adapter_base, check_model_dir, check_remote_code, is_adapter, is_quantized, load_error,
                         load_errors, load_tokenizer, merged_model_dir, resolve_device, resolve_dtype)
 from .calib import calibration_samples
@@ -325,6 +326,7 @@ def _quantize(cfg, recorded=None, sources=None) -> int:
             cj["quantization_config"]["modules_in_block_to_quantize"] = block_modules(todo, list(skipped))
             atomic_write_json(tmp / "config.json", cj)
             tokenizer.save_pretrained(str(tmp))  # toucan's tokenizer (pad token set), not a re-guessed one
+            finish_tokenizer_dir(tmp)  # toucan's chat template into tokenizer_config.json
             inputs = (sources or [src]) + ([cfg.data] if calib else [])
             write_manifest(tmp, "quantize", recorded or cfg, inputs, extra={"quantization": {
                 "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": sym,

@@ -274,6 +274,16 @@ def test_broken_model_folder_is_one_line(case, tiny_model_dir, inputs, tmp_path,
     assert not (tmp_path / "PICKLE_MARKER").exists()
 
 
+def test_refused_pickle_in_delta_commands_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    d = _copy(tiny_model_dir, tmp_path, "pickled")
+    _malicious_pickle(d)
+    monkeypatch.chdir(tmp_path)
+    rc, err = run(capsys, ["make-delta", "--base", str(d), "--model", str(tiny_model_dir), "--output", str(tmp_path / "delta")])
+    lines = error_lines(err)
+    assert rc != 0 and len(lines) == 1 and "pytorch_model.bin: refused" in lines[0], err
+    assert not (tmp_path / "PICKLE_MARKER").exists()
+
+
 def test_ppl_on_an_empty_folder_names_the_folder(tmp_path, inputs, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -201,11 +202,16 @@ class Weights:
     def _load_bin(path: Path) -> dict:
         # weights_only: never unpickle arbitrary objects; mmap: tensors are paged in when read.
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # pre-zip (torch < 1.6) files cannot be mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # pre-zip (torch < 1.6) files cannot be mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's message is a page of advice to turn the check off
+            raise ModelError(f"{path}: refused: its pickle holds more than tensors (torch.load "
+                             "weights_only=True). Convert it to safetensors from a copy you trust") from None
         except Exception as e:
-            raise ModelError(f"{path}: cannot load as weights ({type(e).__name__}: {e})") from None
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelError(f"{path}: cannot load as weights ({type(e).__name__}: {first})") from None
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor, memory-mapped where possible (no copy: do not modify it)."""

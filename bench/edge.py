@@ -7,18 +7,20 @@ kernel), and llama.cpp f16 / q8_0 / q4_0 / q4_k_m through toucan's engine (Llama
 `toucan chat --model FILE.gguf` runs); the size of each on disk. Acceptance: llama.cpp q4_0 decodes
 >= 5x faster than transformers fp32, measured in this run.
 
-Quality, on bench/quant.py's trained model (hidden 256, trained here once and cached in
-runs/bench-quant/fp32; its held-out text): KL(fp32 || q) and Δppl for llama.cpp f16 / q8_0 / q4_0 /
-q4_k_m exports of the fp32 model, toucan's RTN-4bit-g32 and GPTQ-4bit-g32 in transformers, and
-those two exported to q4_0 (their symmetric group-32 blocks are Q4_0's layout: no second rounding).
-All through toucan.ppl.evaluate (llama.cpp's logits come from `logits_all`). Acceptance:
+Quality, on bench/quant.py's trained model (hidden 256, 2 layers, its default 650 steps at 512
+tokens; trained here once by bench/quant.py's own code and cached in runs/bench-edge/quant/fp32)
+and its held-out text: KL(fp32 || q) and Δppl for the llama.cpp f16 / q8_0 / q4_0 / q4_k_m exports
+of the fp32 model, toucan's RTN-4bit-g32 and GPTQ-4bit-g32 in transformers, and those two exported
+to q4_0 (their symmetric group-32 blocks are Q4_0's layout: no second rounding). All through
+toucan.ppl.evaluate (llama.cpp's logits come from `logits_all`). Acceptance:
 GPTQ-g32 -> q4_0 has a lower KL than the direct q4_0 export of the fp32 model.
 
-Threads: --threads for torch and llama.cpp alike (default 2). On a shared box, absolute tok/s move
-with the load; the ratios are measured in the same run, each backend timed as the median of
---repeats runs after a warm-up.
+Threads: --threads for torch and llama.cpp alike (default 2). On a shared box use --threads 1:
+with other processes on the cores, 2 threads spin-wait for each other (llama.cpp syncs its threads
+at every op) and the figures mean little. Absolute tok/s move with the load; the ratios are
+measured in the same run, each backend timed as the median of --repeats runs after a warm-up.
 
-    .venv/bin/python bench/edge.py                    # CPU, ~10 min on 2 cores (first run trains the quality model)
+    .venv/bin/python bench/edge.py --threads 1        # CPU, ~15 min the first time (GPTQ, training), ~5 min after
 """
 
 from __future__ import annotations
@@ -156,9 +158,9 @@ def speed(args, out: Path) -> dict:
 
 def quality(args, out: Path) -> dict:
     qa = SimpleNamespace(train_steps=650, train_seq=512, train_batch=2, layers=2, device="cpu")
-    qout = ROOT / "runs" / "bench-quant"
+    qout = out / "quant"  # a cache of our own: other benchmarks train other models in runs/bench-quant
     quant.write_data(qout, Path(args.data))
-    fp32 = quant.train(qout, qa, seed=0)  # cached after the first run (bench/quant.py shares it)
+    fp32 = quant.train(qout, qa, seed=0)  # bench/quant.py's model and settings; trained once, then reused
     tok = load_tokenizer(fp32)
     seqs = load_sequences(tok, qout / "heldout.txt", ctx=512, stride=512, template="alpaca",
                           max_samples=args.eval_windows)

@@ -239,6 +239,8 @@ class Engine:
         modeling.load_adapter), or a .gguf file (llama.cpp: LlamaCppEngine, which runs no code
         from anywhere). threads: CPU threads (0 = torch's default; llama.cpp: physical cores)."""
         if llamacpp.is_gguf(path):
+            if device not in ("auto", "cpu"):
+                log.warning("--device %s: a .gguf runs on the CPU (llama.cpp, no layers offloaded)", device)
             return LlamaCppEngine(path, template, n_ctx=max_context or 0, threads=threads)
         from .modeling import load_model, load_tokenizer
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import openai
@@ -177,8 +178,9 @@ def test_chat_plain_serve_and_eval_generate_on_gguf(parrot_gguf, tmp_path):
                        input="你好\n", capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0 and r.stdout == REPLY + "\n", r.stderr
 
-    proc, base = start_server(["--model", str(parrot_gguf), "--threads", "1", "--max-batch-size", "4"],
-                              free_port(), tmp_path / "server.log")
+    # --n-ctx beyond the model's 512 positions: room for a long generation to cancel below
+    proc, base = start_server(["--model", str(parrot_gguf), "--threads", "1", "--max-batch-size", "4",
+                               "--n-ctx", "2048"], free_port(), tmp_path / "server.log")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == [parrot_gguf.name]
@@ -201,6 +203,20 @@ def test_chat_plain_serve_and_eval_generate_on_gguf(parrot_gguf, tmp_path):
             t.join(60)
         assert all(got[i].finish_reason == "length" and REPLY.startswith(got[i].text) for i in range(3))
         assert httpx.get(base + "/health").json()["completed"] >= 5
+        # a client that disconnects mid-stream stops its generation (at the next token)
+        before = httpx.get(base + "/health").json()
+        body = {"model": parrot_gguf.name, "prompt": "1 2 3", "max_tokens": 2000, "min_tokens": 2000,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert any(next(lines).startswith("data: {") for _ in range(6))
+        for _ in range(100):
+            after = httpx.get(base + "/health").json()
+            if after.get("cancelled", 0) > before.get("cancelled", 0):
+                break
+            time.sleep(0.1)
+        assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+        assert after["completion_tokens"] - before["completion_tokens"] < 2000
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -144,6 +144,22 @@ def test_tokenizer_auto_map_is_never_run(planted, inputs, capsys):
     assert not marker.exists() and not hf_module_dir(model).exists()
 
 
+def test_issue_reproducer_quantize_rtn_in_a_fresh_process(planted, tmp_path):
+    """The issue's reproducer end to end: `toucan quantize --method rtn` on the planted folder, in
+    its own process with its own HF modules cache: exit 2, stderr is exactly one line."""
+    import subprocess
+
+    model, marker = planted
+    cache = tmp_path / "hf_modules"
+    env = dict(os.environ, HF_MODULES_CACHE=str(cache))
+    r = subprocess.run([sys.executable, "-m", "toucan.cli", "quantize", "--model", str(model), "--output",
+                        str(tmp_path / "q"), "--method", "rtn", "--group-size", "32"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--trust-remote-code" in r.stderr and not marker.exists() and not (tmp_path / "q").exists()
+    assert not list(cache.rglob("modeling_evil.py"))  # not copied into the modules cache either
+
+
 @pytest.mark.slow
 def test_the_flag_allows_it(planted, inputs, capsys, monkeypatch):
     """With --trust-remote-code the folder's code runs: through the engine every serving command

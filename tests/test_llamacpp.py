@@ -259,3 +259,30 @@ def test_demo_model_gives_the_same_greedy_answers_on_llama_cpp(tmp_path):
         g = exact_match(f, held, "alpaca")
         same = sum(a == b for a, b in zip(g["answers"], hf["answers"])) / len(hf["answers"])
         assert same >= 0.95, (gtype, same, [(a, b) for a, b in zip(g["answers"], hf["answers"]) if a != b][:5])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_web_page_on_gguf(gg):
+    """The Gradio page on the llama.cpp engine, through Gradio's own client: the answer, and beam
+    search (a slider on the page) refused with its reason."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from toucan.config import WebConfig
+    from toucan.serve.web import build_app
+
+    app = build_app(gg, WebConfig(model="parrot-f16.gguf", do_sample=False, repetition_penalty=1.0))
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        chat = [{"role": "user", "content": [{"type": "text", "text": "你好"}]}]
+        knobs = [0.5, 0.75, 40, 1, 1.0, 16, False]  # temperature, top_p, top_k, beams, rep, max tokens, do_sample
+        out = client.predict(chat, *knobs, api_name="/respond")
+        assert out[-1]["content"][0]["text"] == REPLY
+        knobs[3] = 2
+        with pytest.raises(AppError):
+            client.predict(chat, *knobs, api_name="/respond")
+    finally:
+        app.close()

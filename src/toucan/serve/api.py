@@ -3,10 +3,18 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (each with and without
 `stream: true`, SSE ending in `data: [DONE]`), GET /health (queue and batch counters).
 
-* Keys: with --api-key (or TOUCAN_API_KEYS) every path, /health and unknown ones included, needs
-  `Authorization: Bearer KEY`; otherwise 401 with an OpenAI-style error body.
+* Keys: with --api-key, --api-key-file or TOUCAN_API_KEYS every path, /health and unknown ones
+  included, needs `Authorization: Bearer KEY`; otherwise 401 with an OpenAI-style error body. An
+  empty key is an error; a non-loopback --host without any key is refused unless --insecure.
+* One client cannot freeze the server: a pure-ASGI guard checks the Host header (on a loopback
+  bind only localhost/127.0.0.1/[::1] with the port, plus --allowed-hosts: DNS-rebinding defence,
+  else 421), the key, and the body size (--max-request-bytes: 413 from Content-Length before
+  reading, or as soon as a chunked body passes it) before FastAPI reads anything; prompt building
+  and tokenization run on a one-thread executor, never on the event loop; history trimming is linear.
 * Errors are OpenAI-shaped {"error": {"message", "type", "param", "code"}}: bad JSON or bad fields
-  400, a prompt that does not fit the context 400 (code context_length_exceeded), unknown model 404.
+  400 naming the field (types are strict, unknown fields are refused as OpenAI does, strings with
+  lone surrogates are refused), a prompt that does not fit the context 400 (code
+  context_length_exceeded), unknown model 404.
 * Chat prompts: toucan.prompts renders the messages (a leading system message replaces the
   template's header line; a system message anywhere else is a 400). When a conversation does not
   fit context - max_tokens, its oldest turns are dropped, as in `toucan chat`.
@@ -16,8 +24,9 @@ Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (each
   each row keeps its own max_tokens and stop strings and streams on its own. Requests with a seed
   run alone (the seed must own the RNG). This is static batching: a request that arrives during a
   batch waits for it to end (bench/serve.py measures the effect on time to first token).
-* A client that disconnects mid-stream cancels its row (Starlette cancels the response task; the
-  row's cancel event stops it at the next token, other rows go on).
+* A client that disconnects cancels its row, streaming or not (a stream: Starlette cancels the
+  response task; a JSON request: a task waits for uvicorn's http.disconnect). The row's cancel
+  event stops it at the next token, other rows go on.
 
 Extensions beyond OpenAI's fields (as vLLM has them): top_k, repetition_penalty, min_tokens.
 """
@@ -26,17 +35,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import queue
+import re
+import socket
 import threading
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.requests import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 from ..config import GenerationOptions, ServeConfig
 from ..engine import Completion, Engine
@@ -47,33 +61,77 @@ log = logging.getLogger(__name__)
 
 # -- request bodies -------------------------------------------------------------------------------
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-    model: str
+
+def _no_surrogate(s: str) -> str:
+    # JSON's "\ud800" escape decodes to a lone surrogate that no tokenizer and no UTF-8 encoder takes
+    if _SURROGATE.search(s):
+        raise ValueError("contains an unpaired UTF-16 surrogate (a lone \\ud800-\\udfff escape)")
+    return s
+
+
+def _temperature(t: float) -> float:
+    # logits / 1e-38 overflow float32 to inf, and softmax then gives nan ("probability tensor
+    # contains inf/nan"); below 1e-5 sampling is greedy in all but name (vLLM's cut-off too).
+    if 0.0 < t < 1e-5:
+        raise ValueError("must be 0 (greedy) or at least 1e-05")
+    return t
+
+
+Text = Annotated[str, AfterValidator(_no_surrogate)]
+# OpenAI answers 400 "Unrecognized request argument" for a field it does not know, and so do we: a
+# misspelt or foreign field ("history": 0) must not be silently ignored. strict: no coercion ("5" is
+# not 5, 1.0 is not an int, "true" is not a bool).
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # OpenAI adds options here over time
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = _STRICT
+
+    model: Text
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_temperature)] = 1.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     min_tokens: int = Field(0, ge=0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    # beyond these the penalised logits overflow float32 (1e-40 gives inf/nan probabilities)
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100.0)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
-    stream_options: Optional[dict] = None
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[Text, list[Text], None] = None
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1, description="what torch.manual_seed takes")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported (must be 0)")
+    # sent by OpenAI clients; accepted and not used
+    user: Optional[Text] = None
+    metadata: Optional[dict[Text, Text]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[Text] = None
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: Text
 
 
 class ChatMessage(BaseModel):
+    model_config = _STRICT
     role: Literal["system", "user", "assistant"]
-    content: Union[str, list[dict], None] = None
+    content: Union[Text, list[TextPart], None] = None
+    name: Optional[Text] = None  # OpenAI's participant name; not used
 
     def text(self) -> str:
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text for p in self.content)
         return self.content or ""
 
 
@@ -82,7 +140,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str]]
+    prompt: Union[Text, list[Text]]
 
 
 def request_prompt(engine: Engine, req: ChatRequest, max_new_tokens: int) -> str:
@@ -197,21 +255,42 @@ def _chunk_choice(kind: str, text: str | None, finish: str | None, first: bool =
     return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
 
+async def _result(job: Job, receive) -> Completion | Exception | None:
+    """A non-streaming request's outcome, or None when its client went away first. Starlette does
+    not cancel a handler whose client left, but uvicorn answers a receive() waiting after the body
+    with http.disconnect when the connection drops: that cancels the row, as a stream's is."""
+    async def gone():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        while True:
+            get = asyncio.ensure_future(job.out.get())
+            await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                return None
+            if isinstance(item := get.result(), (Completion, Exception)):
+                return item
+    finally:
+        watcher.cancel()
+        job.cancel.set()  # no-op when done; stops the row if the client left or this task was cancelled
+
+
 async def _respond(batcher: Batcher, model_id: str, ids: list[int], opts: GenerationOptions, kind: str,
-                   stream: bool, include_usage: bool):
+                   stream: bool, include_usage: bool, receive):
     """Queue one request on the batcher and answer it: a JSON body, or SSE chunks as tokens come."""
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     job = Job(asyncio.get_running_loop(), ids, opts)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     batcher.submit(job)
     if not stream:
-        try:
-            while not isinstance(item := await job.out.get(), (Completion, Exception)):
-                pass
-        finally:
-            job.cancel.set()  # no-op when done; stops the row if this request was cancelled
+        item = await _result(job, receive)
+        if item is None:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         if isinstance(item, Exception):
             raise item
         if kind == "chat":
@@ -259,53 +338,133 @@ def _options(req: _Common, model_id: str, cfg: ServeConfig) -> GenerationOptions
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4:
         raise APIError(400, "stop: at most 4 sequences", param="stop")
+    max_new = req.max_completion_tokens or req.max_tokens or cfg.max_tokens
     return GenerationOptions(
-        max_new_tokens=req.max_completion_tokens or req.max_tokens or cfg.max_tokens,
+        max_new_tokens=min(max_new, cfg.max_tokens_limit) if cfg.max_tokens_limit > 0 else max_new,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, do_sample=req.temperature > 0,
         repetition_penalty=req.repetition_penalty or cfg.repetition_penalty, num_beams=1,
         seed=req.seed, stop=stop, min_new_tokens=req.min_tokens)
 
 
 def _encode(engine: Engine, prompt: str) -> list[int]:
-    ids = engine.encode(prompt)
-    if len(ids) >= engine.max_context:
+    over = engine.count_over(prompt, engine.max_context - 1)  # a huge prompt is refused from a prefix
+    ids = engine.encode(prompt) if over is None else []
+    if over is not None or len(ids) >= engine.max_context:
         raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, "
-                            f"your prompt is {len(ids)} tokens.", code="context_length_exceeded",
-                       param="messages")
+                            f"your prompt is {f'over {over}' if over else len(ids)} tokens.",
+                       code="context_length_exceeded", param="messages")
     return ids
 
 
+def _chat_ids(engine: Engine, req: ChatRequest, max_new_tokens: int) -> list[int]:
+    """Prompt building, history trimming and tokenization: CPU work, run off the event loop."""
+    try:
+        prompt = request_prompt(engine, req, max_new_tokens)
+    except ConfigError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return _encode(engine, prompt)
+
+
 def _include_usage(req: _Common) -> bool:
-    return bool((req.stream_options or {}).get("include_usage"))
+    return bool(req.stream_options and req.stream_options.include_usage)
 
 
 # -- the app --------------------------------------------------------------------------------------
 
-def _install_guards(app, keys: list[bytes]) -> None:
-    """The API-key check on every path, and OpenAI-shaped bodies for every error."""
-    from fastapi import Request
+class Guard:
+    """Host header, API key and body size, checked before FastAPI reads or parses anything.
+
+    A pure ASGI middleware (not @app.middleware, which runs inside Starlette's body handling), so
+    a refused request costs nothing: a body over the limit is refused from its Content-Length
+    without reading it, and a chunked one as soon as it passes the limit. The body is buffered
+    here (at most max_body bytes) and handed on; later receive() calls reach the server itself
+    (that is how a JSON request sees its client disconnect)."""
+
+    def __init__(self, app, keys: list[bytes], hosts: frozenset[str] | None, max_body: int):
+        self.app, self.keys, self.hosts, self.max_body = app, keys, hosts, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if self.hosts is not None and host.lower() not in self.hosts:
+            # a page on evil.example whose name resolves to 127.0.0.1 sends Host: evil.example:PORT
+            return await _error_response(421, f"This server does not answer for host {host[:100]!r} "
+                                              "(serve --allowed-hosts adds names).", code="invalid_host")(
+                scope, receive, send)
+        if self.keys:
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip().encode() if auth.lower().startswith("bearer ") else b""
+            # compare_digest against every key: the time taken says nothing about which was close
+            if not any([hmac.compare_digest(given, k) for k in self.keys]):
+                what = "Incorrect API key provided." if given else "Missing API key (Authorization: Bearer KEY)."
+                return await _error_response(401, what, code="invalid_api_key")(scope, receive, send)
+        too_big = _error_response(413, f"The request body is larger than this server's limit of {self.max_body} "
+                                       "bytes (serve --max-request-bytes).", code="request_too_large")
+        too_big.headers["connection"] = "close"  # uvicorn then drops the connection, not reading the rest
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await too_big(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await too_big(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+# pydantic's names for union members and validators in an error's location ("str",
+# "list[TextPart]", "function-after[...]"): not fields, left out of the `param` we name
+_LOC_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[(]")
+
+
+def _validation_error(errs: list[dict]):
+    """One OpenAI-style 400 naming the field: the most specific of pydantic's errors."""
+    def loc(e):
+        return [str(x) for x in e.get("loc", ())[1:] if not (isinstance(x, str) and _LOC_TAG.search(x))]
+
+    if not errs:
+        return _error_response(400, "invalid request body")
+    if any(e.get("type") == "json_invalid" for e in errs):
+        msg = next(e for e in errs if e.get("type") == "json_invalid").get("msg", "")
+        return _error_response(400, f"We could not parse the JSON body of your request ({msg}).")
+    best = max(errs, key=lambda e: len(loc(e)))
+    where = ".".join(loc(best))
+    msg = best.get("msg", "invalid value")
+    if best.get("type") == "extra_forbidden":
+        msg = "Unrecognized request argument supplied"
+    elif best.get("type") == "missing" and not where:
+        msg = "a JSON object body is required"
+    return _error_response(400, f"{where or 'body'}: {msg}", param=where or None)
+
+
+def _install_guards(app, keys: list[bytes], hosts: frozenset[str] | None, max_body: int) -> None:
+    """The Host/key/size guard on every path, and OpenAI-shaped bodies for every error."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if keys:
-            auth = request.headers.get("authorization", "")
-            given = auth[7:].strip().encode() if auth.lower().startswith("bearer ") else b""
-            # compare_digest against every key: the time taken says nothing about which was close
-            if not any([hmac.compare_digest(given, k) for k in keys]):
-                what = "Incorrect API key provided." if given else "Missing API key (Authorization: Bearer KEY)."
-                return _error_response(401, what, code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(Guard, keys=keys, hosts=hosts, max_body=max_body)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid":
-            return _error_response(400, f"We could not parse the JSON body of your request ({first.get('msg', '')}).")
-        loc = ".".join(str(x) for x in first.get("loc", ())[1:])
-        return _error_response(400, f"{loc}: {first.get('msg', 'invalid value')}", param=loc or None)
+        return _validation_error(list(exc.errors()))
 
     @app.exception_handler(APIError)
     async def on_api_error(request, exc: APIError):
@@ -328,7 +487,7 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
     batcher = Batcher(engine, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
     app = FastAPI(title="toucan serve", version="1")
     app.state.batcher = batcher
-    _install_guards(app, [k.encode() for k in api_keys if k])
+    _install_guards(app, [k.encode() for k in api_keys if k], allowed_hosts(cfg), cfg.max_request_bytes)
 
     @app.get("/v1/models")
     async def models():
@@ -339,41 +498,131 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
         return {"status": "ok", "model": model_id, "queued": batcher.q.qsize() + len(batcher.pending),
                 **batcher.stats}
 
+    # Prompt building and tokenization are CPU work (a long history, a 1 MB prompt): off the event
+    # loop, so it keeps answering other clients and /health meanwhile. One worker, not Starlette's
+    # 40-thread pool: the SentencePiece tokenizer holds the GIL, and six ~1 MB requests tokenized at
+    # once starved the loop (/health took 0.2-1.7 s); one worker leaves the loop half of it.
+    prep = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="toucan-prep")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(prep, fn, *args)
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         opts = _options(req, model_id, cfg)
-        try:
-            prompt = request_prompt(engine, req, opts.max_new_tokens)
-        except ConfigError as e:
-            raise APIError(400, str(e), param="messages") from None
-        return await _respond(batcher, model_id, _encode(engine, prompt), opts, "chat", req.stream,
-                              _include_usage(req))
+        ids = await off_loop(_chat_ids, engine, req, opts.max_new_tokens)
+        return await _respond(batcher, model_id, ids, opts, "chat", req.stream, _include_usage(req), request.receive)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         opts = _options(req, model_id, cfg)
         prompt = req.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise APIError(400, "prompt: give one string (batches of prompts are not supported)", param="prompt")
             prompt = prompt[0]
-        return await _respond(batcher, model_id, _encode(engine, prompt), opts, "completion", req.stream,
-                              _include_usage(req))
+        ids = await off_loop(_encode, engine, prompt)
+        return await _respond(batcher, model_id, ids, opts, "completion", req.stream, _include_usage(req),
+                              request.receive)
 
     return app
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(cfg: ServeConfig) -> frozenset[str] | None:
+    """The Host header values the API answers, or None for any. On a loopback bind: localhost,
+    127.0.0.1 and [::1] (bare or with the port) and --allowed-hosts; on another bind only when
+    --allowed-hosts names some (the key is then the guard: the server cannot know its LAN names)."""
+    extra = [h.strip().lower() for h in cfg.allowed_hosts if h.strip()]
+    if "*" in extra or (not _is_loopback(cfg.host) and not extra):
+        return None
+    names = ["localhost", "127.0.0.1", "[::1]"] if _is_loopback(cfg.host) else []
+    if cfg.host not in ("0.0.0.0", "::"):
+        names.append(f"[{cfg.host}]" if ":" in cfg.host else cfg.host.lower())
+    names += extra
+    port = f":{cfg.port}"
+    # "name:port" as given; a bare name is accepted bare and with our port
+    return frozenset(n for h in names for n in ((h,) if re.search(r":\d+$", h) else (h, h + port)))
+
+
+def _key_lines(path: str) -> list[str]:
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--api-key-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    keys = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"--api-key-file {path}: no key in the file (one key per line)")
+    return keys
+
+
 def api_keys_from(cfg: ServeConfig) -> list[str]:
-    env = [k.strip() for k in os.environ.get("TOUCAN_API_KEYS", "").split(",") if k.strip()]
-    return list(cfg.api_key) + env
+    """--api-key, --api-key-file and TOUCAN_API_KEYS (comma-separated) together. An empty key is
+    an error, never "no auth": `--api-key ""` used to switch authentication off."""
+    keys = []
+    for k in cfg.api_key:
+        if not k.strip():
+            raise ConfigError("--api-key: an empty key would switch authentication off; give a real key, "
+                              "or leave --api-key out")
+        keys.append(k.strip())
+    if cfg.api_key_file:
+        keys += _key_lines(cfg.api_key_file)
+    env = os.environ.get("TOUCAN_API_KEYS")
+    if env is not None:
+        items = [k.strip() for k in env.split(",")]
+        if not all(items):
+            raise ConfigError("TOUCAN_API_KEYS: an empty key (the variable is empty, or has an empty item "
+                              "between commas); unset it for no auth")
+        keys += items
+    return keys
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse a port or host that cannot be listened on now, before minutes of model loading."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be between 1 and 65535")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host}: {getattr(e, 'strerror', None) or e}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no error
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def check_serve(cfg: ServeConfig) -> list[str]:
+    """Everything about the options that can fail, checked before the model loads; returns the keys."""
+    keys = api_keys_from(cfg)
+    if not _is_loopback(cfg.host) and not keys and not cfg.insecure:
+        raise ConfigError(f"--host {cfg.host} without an API key would let anyone on the network use the model: "
+                          "give --api-key-file, TOUCAN_API_KEYS or --api-key, or --insecure if you really mean it")
+    if cfg.max_request_bytes < 1:
+        raise ConfigError(f"--max-request-bytes {cfg.max_request_bytes}: must be positive")
+    check_address(cfg.host, cfg.port)
+    return keys
 
 
 def run_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
-    keys = api_keys_from(cfg)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not keys:
-        log.warning("serving on %s with no API key: anyone who can reach this port can use the model", cfg.host)
+    keys = check_serve(cfg)
+    if not _is_loopback(cfg.host) and not keys:
+        log.warning("serving on %s with no API key (--insecure): anyone who can reach this port can use the model",
+                    cfg.host)
+    if cfg.api_key:
+        log.info("keys given with --api-key show in `ps`; --api-key-file or TOUCAN_API_KEYS keep them private")
     engine = Engine.from_config(cfg)
     app = create_app(engine, cfg, keys)
     log.info("toucan serve: http://%s:%d/v1 (model %s, %s)", cfg.host, cfg.port,

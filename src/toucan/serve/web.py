@@ -6,6 +6,10 @@ when it would not fit context - max tokens); the sliders are the original's (tem
 top-p 0.75, top-k 40, beams, repetition penalty 1.2, max tokens 512) and `do_sample` is honoured
 (off, or temperature 0, means greedy; beams > 1 means beam search, shown when done); it binds
 127.0.0.1 and never makes a public share link; a non-loopback --host needs --auth or --insecure.
+Passwords can come from a file (--auth FILE) or TOUCAN_WEB_AUTH, so they need not show in `ps`;
+after --login-attempts failed logins a client address gets 429 for --login-lockout seconds
+(LoginThrottle, around Gradio's own /login route). A question too long for the model's context is
+shown as that reason (gr.Error), not as Gradio's generic "Error".
 
 Each browser session has its own history: it lives in that session's Chatbot value (Gradio keeps
 component values per session), never in a module global. Stop cancels the Gradio event and the
@@ -14,9 +18,11 @@ engine row (so the model stops too); Regenerate answers the last question again;
 
 # (no `from __future__ import annotations`: Gradio finds the gr.Request parameter by its live annotation)
 
+import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from ..config import WebConfig
@@ -28,16 +34,28 @@ log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _auth_lines(text: str) -> list[str]:
+    lines = [ln.strip() for ln in text.splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
 def parse_auth(auth: str | None) -> list[tuple[str, str]] | None:
-    """'user:pass', or a file with one user:pass per line (blank lines and # comments skipped)."""
-    if not auth:
+    """'user:pass', or a file with one user:pass per line (blank lines and # comments skipped);
+    with no --auth, TOUCAN_WEB_AUTH (user:pass lines). An empty value is an error, not "no login"."""
+    env = os.environ.get("TOUCAN_WEB_AUTH")
+    if auth is None and env is None:
         return None
-    if Path(auth).is_file():
-        lines = [ln.strip() for ln in Path(auth).read_text(encoding="utf-8").splitlines()]
-        pairs = [ln for ln in lines if ln and not ln.startswith("#")]
-        where = auth
+    if auth is None:
+        pairs, where = _auth_lines(env), "TOUCAN_WEB_AUTH"
+    elif Path(auth).is_file():
+        try:
+            pairs, where = _auth_lines(Path(auth).read_text(encoding="utf-8")), auth
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--auth {auth}: {getattr(e, 'strerror', None) or e}") from None
     else:
-        pairs, where = [auth], "--auth"
+        pairs, where = [auth.strip()] if auth.strip() else [], "--auth"
+    if not pairs:
+        raise ConfigError(f"{where}: no user:pass given (an empty value would switch the login off)")
     out = []
     for p in pairs:
         user, sep, pw = p.partition(":")
@@ -53,6 +71,61 @@ def check_bind(cfg: WebConfig) -> list[tuple[str, str]] | None:
         raise ConfigError(f"--host {cfg.host} would let anyone on the network use the model: give --auth user:pass "
                           "(or an auth file), or --insecure if you really mean it")
     return auth
+
+
+class LoginThrottle:
+    """Refuses (429) a client address for `lockout` seconds after `attempts` failed logins.
+
+    Gradio's /login checks credentials with no limit and its auth callable never sees the client,
+    so this is an ASGI middleware on Gradio's own app (launch(app_kwargs={"middleware": ...})): it
+    sees every POST /login, counts Gradio's 400 answers per client address, and refuses the next
+    ones before Gradio checks anything (a right password too, or the lockout would only slow
+    guessing). A successful login clears the count."""
+
+    def __init__(self, app, attempts: int = 5, lockout: float = 60.0):
+        self.app, self.attempts, self.lockout = app, max(1, attempts), lockout
+        self.failures: dict[str, list[float]] = {}  # client address -> times of recent failures
+        self.lock = threading.Lock()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/login":
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("?",))[0]
+        now = time.monotonic()
+        with self.lock:
+            recent = [t for t in self.failures.get(client, []) if now - t < self.lockout]
+            self.failures[client] = recent
+            if not recent:
+                del self.failures[client]  # the dict holds only addresses failing right now
+        if len(recent) >= self.attempts:
+            wait = int(self.lockout - (now - recent[-self.attempts])) + 1
+            body = json.dumps({"detail": f"Too many failed logins: try again in {wait} s."}).encode()
+            await send({"type": "http.response.start", "status": 429,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", str(wait).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        status = {}
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        with self.lock:
+            if status.get("code") == 400:  # Gradio's "Incorrect credentials."
+                self.failures.setdefault(client, []).append(time.monotonic())
+            elif status.get("code") == 200:
+                self.failures.pop(client, None)
+
+
+def launch(app, cfg: WebConfig, auth, **kwargs):
+    """Gradio's launch with toucan's rules: the bind, no share link, login throttling."""
+    from starlette.middleware import Middleware
+
+    throttle = Middleware(LoginThrottle, attempts=cfg.login_attempts, lockout=cfg.login_lockout)
+    return app.launch(server_name=cfg.host, server_port=cfg.port, auth=auth, share=False, inbrowser=False,
+                      footer_links=[], app_kwargs={"middleware": [throttle]}, **kwargs)
 
 
 def _text(content) -> str:
@@ -129,7 +202,10 @@ def build_app(engine: Engine, cfg: WebConfig):
         opts = options_from(cfg, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                             num_beams=int(beams), repetition_penalty=float(rep), max_new_tokens=int(max_tokens),
                             do_sample=bool(do_sample), stop=[], seed=None)
-        stream = engine.stream(web_prompt(engine, chat[:-1], question, opts.max_new_tokens), opts)
+        try:
+            stream = engine.stream(web_prompt(engine, chat[:-1], question, opts.max_new_tokens), opts)
+        except ConfigError as e:  # the question alone does not fit the context: say so
+            raise gr.Error(str(e), title="Question too long", print_exception=False) from None
         sid = request.session_hash or ""
         with lock:
             active[sid] = stream
@@ -184,6 +260,5 @@ def run_web(cfg: WebConfig) -> int:
     app = build_app(engine, cfg)
     if cfg.host not in LOOPBACK:
         log.warning("serving the chat page on %s (%s)", cfg.host, "with login" if auth else "NO LOGIN: --insecure")
-    app.launch(server_name=cfg.host, server_port=cfg.port, auth=auth, share=False, inbrowser=False,
-               footer_links=[])
+    launch(app, cfg, auth)
     return 0

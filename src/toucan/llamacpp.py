@@ -27,13 +27,38 @@ def is_gguf(path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
+_native = logging.getLogger("toucan.llamacpp.native")
+_errors: list[str] = []  # llama.cpp's error lines since the last load, for our one-line message
+_callback: list = []  # the ctypes callback must stay referenced as long as llama.cpp may call it
+
+
 def import_llama_cpp(path=None):
     try:
         import llama_cpp
     except ImportError:
         where = f"{path}: " if path is not None else ""
         raise ModelError(f"{where}running a .gguf model needs llama-cpp-python: {INSTALL_HINT}") from None
+    if not _callback:
+        _route_log(llama_cpp)
     return llama_cpp
+
+
+def _route_log(llama_cpp) -> None:
+    """llama.cpp's log into Python logging, at debug level (-vv shows it). Written by hand because
+    llama-cpp-python 0.3.36 reads ggml's log levels with an outdated table (ggml.h has DEBUG=1,
+    INFO=2, WARN=3, ERROR=4; it treats 3 as an error and 4 as debug), so with verbose=False it
+    prints warnings such as "n_ctx_seq (256) > n_ctx_train (128)" and hides the errors."""
+    import ctypes
+
+    @llama_cpp.llama_log_callback
+    def on_log(level, text, user_data):
+        line = text.decode("utf-8", "replace").rstrip()
+        if level == 4 and line:
+            _errors.append(line)
+        _native.debug("%s", line)
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    _callback.append(on_log)
 
 
 def physical_cores() -> int:
@@ -66,13 +91,15 @@ def load(path, n_ctx: int = 0, threads: int = 0):
     path = Path(path)
     check_gguf(path)  # one line naming what is wrong; llama.cpp itself aborts or says "failed to load"
     prefix = _dummy_prefix(path)
+    _errors.clear()
     threads = threads or physical_cores()
     try:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                               n_gpu_layers=0, logits_all=False, verbose=False,
                               kv_overrides={"tokenizer.ggml.add_space_prefix": False} if prefix else None)
-    except (ValueError, RuntimeError) as e:  # "Failed to load model from file": the details went to llama.cpp's log
-        raise ModelError(f"{path}: llama.cpp cannot load this GGUF file ({e})") from None
+    except (ValueError, RuntimeError) as e:  # "Failed to load model from file": the reason is in llama.cpp's log
+        why = _errors[-1] if _errors else str(e)
+        raise ModelError(f"{path}: llama.cpp cannot load this GGUF file ({why})") from None
     log.info("llama.cpp: %s, context %d, %d thread(s)", path.name, llm.n_ctx(), threads)
     return llm, prefix
 

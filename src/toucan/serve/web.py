@@ -115,6 +115,9 @@ class LoginThrottle:
         with self.lock:
             if status.get("code") == 400:  # Gradio's "Incorrect credentials."
                 self.failures.setdefault(client, []).append(time.monotonic())
+                if len(self.failures) > 10_000:  # many addresses guessing: forget those not locked now
+                    cut = time.monotonic() - self.lockout
+                    self.failures = {c: ts for c, ts in self.failures.items() if ts[-1] > cut}
             elif status.get("code") == 200:
                 self.failures.pop(client, None)
 

@@ -173,6 +173,7 @@ def test_two_process_training_saves_reloadable_model(mode, tmp_path, dist_model_
     assert not torch.allclose(saved["model.layers.0.mlp.down_proj.weight"], base.model.layers[0].mlp.down_proj.weight)
 
 
+@pytest.mark.integration
 def test_train_command_destroys_its_process_group(tmp_path, tiny_model_dir):
     """`toucan train` leaves no live process group behind for interpreter exit, where gloo's
     threads can abort the process after a good run (see train.shutdown_distributed). A 1-rank

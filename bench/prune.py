@@ -52,6 +52,30 @@ def zeros_kept(src: Path, dst: Path) -> float:
     return kept / max(1, z)
 
 
+def activation_spread(model, seqs) -> dict[str, float]:
+    """max / median of the input-column norms ||X_j||_2 of each kind of decoder Linear (the largest
+    over the layers), on the calibration sequences. Wanda differs from magnitude only where this is
+    large: LLaMA-7B's outlier features reach ~100x; a small model trained briefly has few."""
+    from toucan.prune import InputStats
+
+    stats, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            stats[name] = InputStats(mod.in_features, "cpu", hessian=False)
+            hooks.append(mod.register_forward_hook(lambda _m, a, _o, s=stats[name]: s.add(a[0].cpu())))
+    with torch.inference_mode():
+        for ids in seqs:
+            model(torch.tensor([ids], device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    out: dict[str, float] = {}
+    for name, st in stats.items():
+        kind = name.split(".layers.")[1].split(".", 1)[1]
+        norms = st.sq.sqrt()
+        out[kind] = max(out.get(kind, 0.0), float(norms.max() / norms.median()))
+    return out
+
+
 def main() -> int:
     bq = bench_quant()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,6 +108,9 @@ def main() -> int:
                           max_samples=args.eval_windows)
     ref = load_model(dense, device=args.device)
     base = evaluate(ref, seqs, desc="dense")
+    from toucan.quant.calib import calibration_samples
+
+    spread = activation_spread(ref, calibration_samples(tok, calib, 32, args.ctx, "alpaca"))
 
     def prune(name, method, **kw):
         cfg = PruneConfig(model=str(dense), output=str(work / name), method=method, data=str(calib),
@@ -140,6 +167,8 @@ def main() -> int:
     ok1, ok2, ok3 = r1 <= 0.5, r2 <= 1.0, combo["kept24"] == 1.0 and combo["zeros_kept"] == 1.0
     print(f"\nWanda 50% KL / magnitude 50% KL = {r1:.3f} (need <= 0.5): {'PASS' if ok1 else 'FAIL'}")
     print(f"SparseGPT 2:4 KL / Wanda 2:4 KL = {r2:.3f} (need <= 1): {'PASS' if ok2 else 'FAIL'}")
+    print("input-column norm spread max/median (largest over layers): "
+          + ", ".join(f"{k} {v:.1f}x" for k, v in spread.items()))
     print(f"SparseGPT 50% KL / Wanda 50% KL = {kl['sparsegpt 50%'] / kl['wanda 50%']:.3f} (reported)")
     print(f"2:4 + GPTQ 4-bit: 2:4 groups kept {combo['kept24']:.2%}, zeros kept {combo['zeros_kept']:.2%} "
           f"(need 100 %): {'PASS' if ok3 else 'FAIL'}; KL {combo['kl']:.4e} = "
@@ -147,7 +176,7 @@ def main() -> int:
     plain = rows["  (plain GPTQ, --no-keep-sparsity)"]
     print(f"plain GPTQ on the same 2:4 model: 2:4 groups kept {plain['kept24']:.2%}, zeros kept "
           f"{plain['zeros_kept']:.2%}, KL {plain['kl']:.4e}")
-    (work / "results.json").write_text(json.dumps({"dense_ppl": base["ppl"], "rows": rows, "args": vars(args)},
+    (work / "results.json").write_text(json.dumps({"dense_ppl": base["ppl"], "rows": rows, "spread": spread, "args": vars(args)},
                                                   indent=2))
     return 0 if ok1 and ok2 and ok3 else 1
 

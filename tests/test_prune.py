@@ -97,6 +97,23 @@ def test_sparsegpt_reconstructs_the_layer_output_better_than_wanda():
         assert err_s < 0.8 * err_w, (t, err_s, err_w)
 
 
+def test_wanda_beats_magnitude_when_inputs_have_outlier_features():
+    """Wanda's point: with a few input features 30x larger than the rest (as LLaMA-7B has), the
+    weights that read them matter more than their size says. Uniform inputs: about the same."""
+    import torch
+
+    from toucan.prune import Target, magnitude_mask, wanda_mask
+
+    torch.manual_seed(7)
+    W = torch.randn(64, 128)
+    X = torch.randn(1024, 128)
+    X[:, :4] *= 30  # outlier features
+    t = Target(0.5)
+    err = {name: float((X @ W.masked_fill(m, 0).T - X @ W.T).square().sum())
+           for name, m in (("magnitude", magnitude_mask(W, t)), ("wanda", wanda_mask(W, X.square().sum(0), t)))}
+    assert err["wanda"] < 0.5 * err["magnitude"], err
+
+
 def test_parse_target():
     from toucan.errors import ConfigError
     from toucan.prune import parse_target

@@ -249,10 +249,24 @@ class DemoConfig:
 
 @dataclass
 class EvalGenerateConfig(GenerationOptions, ModelOptions):
-    """Answer every eval-set question with a model (batched, resumable)."""
+    """Answer every eval-set question with a local model (batched) or an OpenAI-compatible server
+    (--api-url, concurrent requests); resumable."""
 
-    model: str = opt(None, "model directory (full precision or 4-bit), a LoRA adapter directory, or a .gguf file "
-                           "(runs on llama.cpp)", required=True)
+    # Exactly one of --model (a local model) or --api-url (a server) is given: checked in run_eval_generate.
+    model: Optional[str] = opt(None, "model directory (full precision or 4-bit), a LoRA adapter directory, or a .gguf file "
+                                     "(runs on llama.cpp); not with --api-url")
+    api_url: Optional[str] = opt(None, "evaluate an OpenAI-compatible server instead (toucan serve, vLLM, llama.cpp, a "
+                                       "hosted API): its base URL, e.g. http://127.0.0.1:8000/v1")
+    served_model: Optional[str] = opt(None, "with --api-url: the served model's name (default: the server's only "
+                                            "model in /v1/models)")
+    api_key: Optional[str] = opt(None, "with --api-url: the server's API key (visible in `ps`; prefer --api-key-env)")
+    api_key_env: str = opt("OPENAI_API_KEY", "with --api-url: environment variable holding the server's API key "
+                                             "(none set: no key is sent)")
+    chat: bool = opt(False, "with --api-url: ask through /v1/chat/completions (the server builds the prompt) instead "
+                            "of sending toucan's exact prompt to /v1/completions")
+    concurrency: int = opt(8, "with --api-url: requests in flight at once")
+    timeout: float = opt(600.0, "with --api-url: seconds before one request times out")
+    retries: int = opt(2, "with --api-url: retries per request on 429, 5xx, timeouts and connection errors")
     base: Optional[str] = opt(None, BASE_HELP)
     data: str = opt(None, "BELLE eval set: JSON Lines (or array) of {question, class, std_answer}",
                     "--eval-set", "--eval_set", required=True)

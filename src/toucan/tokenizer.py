@@ -22,7 +22,8 @@ by position (leftmost first); tokenizers' BPE ranks every merge uniquely, and no
 reproduce a tie-break that depends on where in the text the pairs are. Measured on the 1,000
 alpaca_zh_demo records (instruction + input + output) with the extended tokenizer: transformers'
 own SentencePiece -> BPE conversion, loaded with AutoTokenizer, segments 685 of them differently
-from SentencePiece; SentencePieceBackend segments 0 differently, at 0.26 s vs 0.18 s for all
+from SentencePiece (ordering the tied merges by merged-piece id, by reverse id or by left-piece id
+instead: 651, 680, 702); SentencePieceBackend segments 0 differently, at 0.26 s vs 0.18 s for all
 1,000 (tests/test_tokenizer.py, tests/test_gguf.py). transformers 5's fast `LlamaTokenizer` also
 rebuilds a Metaspace pipeline on load that tokenizes a leading space unlike SentencePiece.
 """

@@ -425,3 +425,19 @@ def test_lora_adapter_is_merged_first(tiny_model_dir, tmp_path, tiny_tok):
     m = json.loads(manifest_path(f).read_text())
     assert m["merged_lora_adapter"] is True and m["source"] == str(adapter)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the merged copy is gone
+
+
+def test_killed_run_leftover_is_removed_and_output_replaced_only_with_overwrite(tiny_model_dir, tmp_path):
+    """A temporary a killed export left (dead writer pid, this host) is removed by the next export;
+    the finished file replaces a previous toucan export only with overwrite."""
+    from toucan import fsutil
+
+    out = tmp_path / "m.gguf"
+    stale = tmp_path / f".m.gguf.999999-{fsutil._host_tag()}-abcd1234.tmp"
+    stale.write_bytes(b"half a file")
+    export_gguf(tiny_model_dir, out, "q8_0")
+    assert not stale.exists() and check_gguf(out)["n_vocab"] == 1000
+    first = sha256_file(out)
+    export_gguf(tiny_model_dir, out, "q4_0", overwrite=True)
+    assert sha256_file(out) != first and json.loads(manifest_path(out).read_text())["type"] == "q4_0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.toucan.json"]

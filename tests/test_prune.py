@@ -243,6 +243,11 @@ def test_quantize_keeps_every_zero_and_every_group(tiny_model_dir, calib, tmp_pa
             assert not torch.equal(after[n], before[n])  # really quantized
             assert (after[n][before[n] == 0] == 0).all(), n
         assert measure_sparsity(q)["pattern_kept"] == 1.0
+        if name == "sym":  # pruned + GPTQ -> GGUF q4_0 (GPTQ's blocks taken over exactly): still 2:4
+            from toucan.gguf_export import export_gguf
+
+            export_gguf(q, tmp_path / "sym-q4_0.gguf", "q4_0")
+            assert gguf_blocks_hold_2of4(tmp_path / "sym-q4_0.gguf") == 14
     plain = quantize("plain", "--no-keep-sparsity")
     assert read_manifest(plain)["quantization"]["keep_sparsity"] is False
     assert measure_sparsity(plain, "2:4")["pattern_kept"] < 0.999
@@ -251,12 +256,27 @@ def test_quantize_keeps_every_zero_and_every_group(tiny_model_dir, calib, tmp_pa
                      "--group-size", "32", "--desc-act", "--device", "cpu"]) == 2
 
 
-def test_gguf_export_keeps_the_zeros(tiny_model_dir, calib, tmp_path):
-    """q8_0 and q4_0 (llama.cpp's formats, gguf's own quantizers) store an exact zero for a zero."""
+def gguf_blocks_hold_2of4(path) -> int:
+    """Check every decoder matrix of a .gguf (dequantized) for 2:4 and >= 50 % exact zeros;
+    returns how many were checked. (q/k rows are permuted in GGUF; groups run along rows.)"""
     import numpy as np
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    checked = 0
+    for t in GGUFReader(str(path)).tensors:
+        if not t.name.startswith("blk.") or len(t.shape) != 2:
+            continue
+        w = dequantize(t.data, t.tensor_type).reshape(-1, int(t.shape[0]))  # rows of in_features
+        nz = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert (nz <= 2).all(), (path, t.name, t.tensor_type.name)
+        assert np.mean(w == 0) >= 0.5, t.name
+        checked += 1
+    return checked
+
+
+def test_gguf_export_keeps_the_zeros(tiny_model_dir, calib, tmp_path):
+    """q8_0 and q4_0 (llama.cpp's formats, gguf's own quantizers) store an exact zero for a zero."""
     from toucan.gguf_export import export_gguf
 
     pruned = tmp_path / "mag24"
@@ -264,16 +284,7 @@ def test_gguf_export_keeps_the_zeros(tiny_model_dir, calib, tmp_path):
     for gtype in ("q8_0", "q4_0"):
         path = tmp_path / f"m-{gtype}.gguf"
         export_gguf(pruned, path, gtype)
-        checked = 0
-        for t in GGUFReader(str(path)).tensors:
-            if not t.name.startswith("blk.") or len(t.shape) != 2:
-                continue
-            w = dequantize(t.data, t.tensor_type).reshape(-1, int(t.shape[0]))  # rows of in_features
-            nz = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
-            assert (nz <= 2).all(), (gtype, t.name, t.tensor_type.name)
-            assert np.mean(w == 0) >= 0.5, t.name
-            checked += 1
-        assert checked == 14
+        assert gguf_blocks_hold_2of4(path) == 14
 
 
 def test_ppl_reports_sparsity(tiny_model_dir, calib, tmp_path, capsys):

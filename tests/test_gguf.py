@@ -441,3 +441,25 @@ def test_killed_run_leftover_is_removed_and_output_replaced_only_with_overwrite(
     export_gguf(tiny_model_dir, out, "q4_0", overwrite=True)
     assert sha256_file(out) != first and json.loads(manifest_path(out).read_text())["type"] == "q4_0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.toucan.json"]
+
+
+@pytest.mark.slow
+def test_other_gptq_layouts_are_requantized_with_a_warning(tiny_model_dir, tmp_path, caplog, tiny_tok):
+    """Asymmetric 4-bit (RTN, group 32) does not map onto Q4_0: dequantized, re-quantized, a warning
+    per layer, and the manifest says so for each tensor; llama.cpp still runs it close to the model."""
+    import logging
+
+    from toucan.config import QuantizeConfig
+    from toucan.quant import run_quantize
+
+    q = tmp_path / "rtn-asym"
+    assert run_quantize(QuantizeConfig(model=str(tiny_model_dir), output=str(q), method="rtn", bits=4,
+                                       group_size=32, sym=False, asym=True)) == 0
+    f = tmp_path / "asym-q4_0.gguf"
+    with caplog.at_level(logging.WARNING, logger="toucan.gguf_export"):
+        m = export_gguf(q, f, "q4_0")
+    gptq = [t for t in m["tensors"] if t["source"].endswith("g_idx}")]
+    assert gptq and all(t["path"].startswith("gptq-requantized (asymmetric") for t in gptq)
+    assert sum("re-quantized" in r.getMessage() for r in caplog.records) == len(gptq)
+    ids = [tiny_tok.bos_token_id] + tiny_tok(MIXED[0], add_special_tokens=False).input_ids
+    assert kl(hf_logits(tiny_model_dir, ids), llama_logits(f, ids)) < 0.05

@@ -92,7 +92,9 @@ def test_cli_broken_line_7(tmp_path, capsys, zh_records, as_array):
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert cli.main(["data", str(p), "--stats"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"toucan data: error: {p}, line 7: invalid JSON") and "\n" not in err
+    # an array element also names its index (0-based): "[" is line 1, so line 7 holds record 5
+    where = f"{p}, line 7, record 5" if as_array else f"{p}, line 7"
+    assert err.startswith(f"toucan data: error: {where}: invalid JSON") and "\n" not in err
     if not as_array:  # JSON Lines can skip it and go on
         assert cli.main(["data", str(p), "--skip-bad", "--stats"]) == 0
         assert f"bad: {p}, line 7: invalid JSON" in capsys.readouterr().out

@@ -216,3 +216,42 @@ def test_cancel_stops_generation(rand_engine):
     it2.close()
     assert s2.completion.finish_reason == "cancelled"
     assert not any(t.name == "toucan-generate" and t.is_alive() for t in threading.enumerate())
+
+
+def test_request_joins_the_running_batch_and_takes_a_freed_slot(rand_engine, tiny_tok):
+    """Continuous batching: a request that arrives while another generates gets its first token long
+    before that one finishes; with two slots, a third waits for a slot and takes the one a finished
+    request freed, still while the long one runs. Each answer equals the same request alone."""
+    import time
+
+    eng = Engine(rand_engine.model, tiny_tok, max_rows=2)
+    long_opts = GenerationOptions(max_new_tokens=300, min_new_tokens=300, **GREEDY)
+    short = GenerationOptions(max_new_tokens=12, min_new_tokens=12, **GREEDY)
+    first: dict[str, float] = {}
+
+    def consume(name, stream, out):
+        for delta in stream:
+            first.setdefault(name, time.monotonic())
+            out.append(delta)
+        out.append(time.monotonic())
+
+    a_out, b_out, c_out = [], [], []
+    a = eng.stream("你好", long_opts)
+    ta = threading.Thread(target=consume, args=("a", a, a_out))
+    ta.start()
+    while "a" not in first:
+        time.sleep(0.005)
+    b, c = eng.stream("请写一首诗。", short), eng.stream("第二个问题", short)  # c waits: both slots taken
+    tb, tc = threading.Thread(target=consume, args=("b", b, b_out)), threading.Thread(target=consume, args=("c", c, c_out))
+    tb.start(), tc.start()
+    for t in (ta, tb, tc):
+        t.join(120)
+    a_done = a_out[-1]
+    assert first["b"] < a_done and first["c"] < a_done  # joined the running batch, did not wait for it
+    # never more than 2 rows, yet c started while a ran: it took the slot b left
+    assert eng.scheduler.stats["max_rows"] == 2 and eng.scheduler.stats["joined"] == 3
+    assert a.completion.completion_tokens == 300 and c.completion.completion_tokens == 12
+    alone = Engine(rand_engine.model, tiny_tok, continuous=False)
+    assert b.completion.text == alone.generate("请写一首诗。", short).text
+    assert c.completion.text == alone.generate("第二个问题", short).text
+    assert a.completion.text == alone.generate("你好", long_opts).text

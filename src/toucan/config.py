@@ -185,7 +185,7 @@ class WebConfig(GenerationOptions, ModelOptions):
     auth: Optional[str] = opt(None, "user:pass, or a file with one user:pass per line (also TOUCAN_WEB_AUTH: "
                                     "user:pass lines, so passwords need not show in ps)")
     insecure: bool = opt(False, "allow a non-loopback --host without --auth (anyone on the network can use it)")
-    concurrency: int = opt(4, "chat requests Gradio runs at once (they share the model lock)")
+    concurrency: int = opt(4, "chat requests Gradio runs at once (decoded together: continuous batching)")
     login_attempts: int = opt(5, "failed logins from one client address before it is locked out")
     login_lockout: float = opt(60.0, "seconds a client is refused (429) after too many failed logins")
 
@@ -212,9 +212,12 @@ class ServeConfig(ModelOptions):
     model_name: Optional[str] = opt(None, "model id reported by /v1/models (default: the directory name)")
     max_tokens: int = opt(512, "default max_tokens when a request gives none")
     repetition_penalty: float = opt(1.0, "default repetition penalty (a request may send repetition_penalty)")
-    max_batch_size: int = opt(16, "most waiting requests decoded together in one batch")
-    batch_wait_ms: float = opt(20.0, "how long the batcher waits for more requests before starting a batch "
-                                     "(about one CPU decode step: costs little time to first token)")
+    max_batch_size: int = opt(16, "most requests decoded together (continuous: rows in the running batch)")
+    batching: str = opt("continuous", "continuous: a request joins the running batch at its next decode step and "
+                                      "leaves when done; static: waiting requests form a batch that runs to its end "
+                                      "(a .gguf is always queued)", choices=["continuous", "static"])
+    batch_wait_ms: float = opt(20.0, "static batching: how long the batcher waits for more requests before starting "
+                                     "a batch (about one CPU decode step: costs little time to first token)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ are llama.cpp's.
 from __future__ import annotations
 
 import codecs
+import collections
 import dataclasses
+import inspect
 import logging
 import queue
 import re
@@ -220,16 +222,262 @@ class Stream:
         self._cancel.set()
 
 
+class _Req:
+    """One request in the continuous batch: its prompt ids, its _Row (text, limits, cancel), its
+    own sampling (transformers' warpers, a torch.Generator when seeded) and where the result goes."""
+
+    def __init__(self, ids: list[int], row: _Row, opts: GenerationOptions, tracker: "_Rows",
+                 on_done: Callable[[object], None], device):
+        import torch
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.ids, self.row, self.opts, self.tracker, self.on_done = ids, row, opts, tracker, on_done
+        self.penalty = float(opts.repetition_penalty or 1.0)
+        self.min_new = min(opts.min_new_tokens, row.max_new_tokens)
+        self.sample = opts.do_sample and opts.temperature > 0
+        self.warpers = LogitsProcessorList()
+        if self.sample:  # the warpers transformers' generate adds, in its order, under the same conditions
+            if opts.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(opts.temperature))
+            if opts.top_k:
+                self.warpers.append(TopKLogitsWarper(opts.top_k))
+            if opts.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(opts.top_p))
+        # a seeded request draws from its own generator: the same answer whatever else is in the batch
+        self.gen = None if opts.seed is None else torch.Generator(device).manual_seed(opts.seed % 2 ** 64)
+        self.finished = False
+
+    def done(self, result) -> None:
+        if not self.finished:
+            self.finished = True
+            self.on_done(result)
+
+    def completion(self) -> Completion:
+        return Completion(self.row.text, len(self.ids), self.row.n_tokens, self.row.finish_reason)
+
+
+class _Scheduler:
+    """Continuous batching (iteration-level scheduling, as in Orca and vLLM) over the model's own
+    forward pass and transformers' DynamicCache: a request joins the running batch at the next
+    decode step and leaves it when it finishes; its KV rows are dropped and a waiting request takes
+    its slot. One worker thread per engine runs the steps; each step holds engine.lock.
+
+    Why not transformers' own (5.24 ContinuousBatchingManager / generate_batch): its per-request
+    logits processing covers only temperature, top-k and top-p; RepetitionPenaltyLogitsProcessor
+    and MinNewTokensLengthLogitsProcessor are marked `supports_continuous_batching = False` and are
+    dropped, yet repetition_penalty 1.2 is toucan's default everywhere and min_tokens is part of the
+    API; it has no per-request seed, and no hook between sampling and the next step for our
+    stop-string/UTF-8 rules (_TextRows) or cancellation before the token is sent. On CPU it also
+    needs its paged cache sized by hand.
+
+    Layout: one KV cache [rows, heads, T, head_dim] per layer, rows left-padded to a common T with
+    an attention mask [rows, T], and each row's own position ids (so padding never shifts a row).
+    A joining batch is prefilled on its own (left-padded among itself), then its cache is
+    concatenated to the running one after padding the shorter on the left; leaving rows are
+    index-selected away and the leading columns no row uses any more are cut. Sampling follows
+    transformers' generate: repetition penalty (vectorised over a [rows, vocab] 'seen' mask, the
+    same arithmetic as RepetitionPenaltyLogitsProcessor), EOS suppressed below min_new_tokens,
+    then greedy argmax or the row's warpers and multinomial sampling."""
+
+    def __init__(self, engine: "Engine", max_rows: int):
+        self.engine, self.max_rows = engine, max(1, max_rows)
+        self.waiting: collections.deque[_Req] = collections.deque()
+        self.cond = threading.Condition()
+        self.active: list[_Req] = []
+        self.cache = self.mask = self.pos = self.next = self.seen = None
+        self.stats = collections.Counter()  # steps, rows (summed over decode steps), prefills, joined
+        # transformers 5.24 renamed forward's past_key_values to cache (the old name warns); older take only the old
+        params = inspect.signature(engine.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        threading.Thread(target=self._loop, name="toucan-scheduler", daemon=True).start()
+
+    def submit(self, reqs: list[_Req]) -> None:
+        with self.cond:
+            self.waiting.extend(reqs)
+            self.cond.notify()
+
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            with self.cond:
+                while not self.waiting and not self.active:
+                    self.cond.wait()
+                new = []
+                while self.waiting and len(self.active) + len(new) < self.max_rows:
+                    new.append(self.waiting.popleft())
+            self.ended: list[_Req] = []
+            try:
+                with self.engine.lock, torch.inference_mode():
+                    if new:
+                        self._admit(new)
+                    if self.active:
+                        self._decode()
+            except Exception as e:  # a bug (or out of memory): every request in flight gets the error
+                log.exception("generation failed")
+                for r in self.active + new:
+                    r.done(e)
+                self.active, self.cache = [], None
+            # results go out after the step, with no tensor work left in this thread: a caller may
+            # return and the interpreter exit right away (a daemon thread inside torch then aborts it)
+            for r in self.ended:
+                r.done(r.completion())
+
+    def _finish_cancelled(self, r: _Req) -> bool:
+        if r.row.finish_reason is None and r.row.cancel is not None and r.row.cancel.is_set():
+            r.tracker.finish(r.row, "cancelled")
+        if r.row.finish_reason is not None:
+            self.ended.append(r)
+            return True
+        return False
+
+    def _sample(self, reqs: list[_Req], logits, seen):
+        import torch
+
+        pen = [r.penalty for r in reqs]
+        if any(p != 1.0 for p in pen):
+            p = torch.tensor(pen, dtype=logits.dtype, device=logits.device)[:, None]
+            logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        eos = self.engine.tokenizer.eos_token_id
+        for i, r in enumerate(reqs):
+            if r.row.n_tokens < r.min_new:
+                logits[i, eos] = float("-inf")
+        out = logits.argmax(-1)
+        for i, r in enumerate(reqs):
+            if r.sample:
+                s = r.warpers(None, logits[i:i + 1])  # the warpers do not read input_ids
+                out[i] = torch.multinomial(torch.softmax(s, dim=-1), 1, generator=r.gen)[0, 0]
+        return out
+
+    def _feed(self, reqs: list[_Req], toks, seen) -> None:
+        import torch
+
+        seen[torch.arange(len(reqs), device=seen.device), toks] = True  # the penalty's input_ids grow
+        for r, t in zip(reqs, toks.tolist()):
+            r.tracker.feed(r.row, t)
+
+    def _admit(self, new: list[_Req]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        new = [r for r in new if not self._finish_cancelled(r)]
+        if not new:
+            return
+        model, dev = self.engine.model, self.engine.model.device
+        width = max(len(r.ids) for r in new)
+        pad = self.engine.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in new], device=dev)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in new], device=dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **{self._cache_kw: cache})
+        logits = out.logits[:, -1, :].float()
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
+        for i, r in enumerate(new):  # the penalty sees the prompt too, as in generate
+            seen[i, torch.tensor(r.ids, device=dev)] = True
+        toks = self._sample(new, logits, seen)
+        self._feed(new, toks, seen)
+        self.stats["prefills"] += 1
+        self.stats["joined"] += len(new)
+        keep = [i for i, r in enumerate(new) if not self._finish_cancelled(r)]
+        if not keep:
+            return
+        idx = torch.tensor(keep, device=dev)
+        cache.batch_select_indices(idx)
+        part = (mask[idx], mask[idx].sum(-1), toks[idx], seen[idx])
+        if self.cache is None:
+            self.cache, (self.mask, self.pos, self.next, self.seen) = cache, part
+            self.active = [new[i] for i in keep]
+            return
+        # left-pad the shorter of the two caches (and masks) to the other's length, then stack rows
+        ta, tn = self.mask.shape[1], part[0].shape[1]
+        t = max(ta, tn)
+        for old, add in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, t), _left_pad(add.keys, t)])
+            old.values = torch.cat([_left_pad(old.values, t), _left_pad(add.values, t)])
+        self.mask = torch.cat([_left_pad(self.mask, t, dim=1), _left_pad(part[0], t, dim=1)])
+        self.pos, self.next = torch.cat([self.pos, part[1]]), torch.cat([self.next, part[2]])
+        self.seen = torch.cat([self.seen, part[3]])
+        self.active += [new[i] for i in keep]
+
+    def _decode(self) -> None:
+        import torch
+
+        rows = len(self.active)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
+        out = self.engine.model(input_ids=self.next[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
+                                use_cache=True, **{self._cache_kw: self.cache})
+        self.pos = self.pos + 1
+        toks = self._sample(self.active, out.logits[:, -1, :].float(), self.seen)
+        self._feed(self.active, toks, self.seen)
+        self.next = toks
+        self.stats["steps"] += 1
+        self.stats["rows"] += rows
+        self.stats["max_rows"] = max(self.stats["max_rows"], rows)
+        keep = [i for i, r in enumerate(self.active) if not self._finish_cancelled(r)]
+        if len(keep) == rows:
+            return
+        if not keep:  # all done: the cache goes with them
+            self.active, self.cache = [], None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.pos, self.next, self.seen = self.mask[idx], self.pos[idx], self.next[idx], self.seen[idx]
+        self.active = [self.active[i] for i in keep]
+        first = int(self.mask.any(0).nonzero()[0])  # columns before it were padding for every row left
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+def _left_pad(x, t: int, dim: int = 2):
+    """x padded with zeros at the front of `dim` to length t (keys/values: dim 2; masks: dim 1)."""
+    import torch
+
+    n = t - x.shape[dim]
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 class Engine:
     def __init__(self, model, tokenizer, template: str | Template = DEFAULT_TEMPLATE,
-                 max_context: int | None = None):
+                 max_context: int | None = None, continuous: bool = True, max_rows: int = 32):
         self.model, self.tokenizer = model, tokenizer
         self.template = get_template(template)
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
-        # One generation at a time on a model: forward passes are not re-entrant-safe with a shared
-        # KV-cache layout, and a seeded generation needs the global RNG to itself. Concurrency comes
-        # from batching (toucan.serve.api batches waiting requests into one generate call).
+        # One forward pass at a time on a model: forward passes are not re-entrant-safe with a
+        # shared KV-cache layout, and a seeded static generation needs the global RNG to itself.
+        # Concurrency comes from batching: continuous (the scheduler holds the lock per step, so
+        # requests join and leave a running batch), or static when continuous=False (run() is one
+        # generate call; toucan.serve.api's Batcher groups waiting requests) and for beam search.
         self.lock = threading.Lock()
+        self.continuous, self.max_rows = continuous, max_rows
+        self._scheduler: _Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
+
+    @property
+    def scheduler(self) -> _Scheduler:
+        """The continuous-batching worker, started on first use (with max_rows as it is then)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = _Scheduler(self, self.max_rows)
+            return self._scheduler
+
+    def submit(self, ids: list[int], opts: GenerationOptions, on_done: Callable[[object], None],
+               on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> None:
+        """Queue one request on the continuous batch and return at once: on_text gets its deltas and
+        on_done its Completion (or the exception), both from the scheduler's thread."""
+        assert self.continuous and max(1, opts.num_beams) == 1
+        row = self._rows([ids], opts, [on_text] if on_text else None, [cancel] if cancel else None, None, None)[0]
+        self.scheduler.submit([_Req(ids, row, opts, _Rows(self.tokenizer, [row]), on_done, self.model.device)])
 
     @classmethod
     def from_dir(cls, path, device: str = "auto", dtype: str = "auto", template: str | Template = DEFAULT_TEMPLATE,
@@ -377,8 +625,38 @@ class Engine:
     def run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
              cancel: list | None = None, max_new_tokens: list[int] | None = None,
              stop: list[Sequence[str]] | None = None) -> list[Completion]:
-        """Generate for a left-padded batch. Per-row max_new_tokens / stop / on_text / cancel
-        (default: from opts); the rest of opts is shared by the batch."""
+        """Generate for a batch of prompts and wait for all. Per-row max_new_tokens / stop /
+        on_text / cancel (default: from opts); the rest of opts is shared by the batch. Continuous:
+        the rows join the running batch (with whatever else is being generated); beam search and
+        continuous=False: one left-padded generate call (_run_static)."""
+        if not self.continuous or max(1, opts.num_beams) > 1:
+            return self._run_static(ids, opts, on_text, cancel, max_new_tokens, stop)
+        rows = self._rows(ids, opts, on_text, cancel, max_new_tokens, stop)
+        tracker = _Rows(self.tokenizer, rows)
+        results: list = [None] * len(rows)
+        left = [len(rows)]
+        all_done = threading.Event()
+
+        def on_done(i):
+            def f(result):  # from the scheduler's thread only
+                results[i] = result
+                left[0] -= 1
+                if not left[0]:
+                    all_done.set()
+            return f
+
+        self.scheduler.submit([_Req(x, r, opts, tracker, on_done(i), self.model.device)
+                               for i, (x, r) in enumerate(zip(ids, rows))])
+        all_done.wait()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+    def _run_static(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
+                    cancel: list | None = None, max_new_tokens: list[int] | None = None,
+                    stop: list[Sequence[str]] | None = None) -> list[Completion]:
+        """Today's static batching: one left-padded transformers generate call for the batch."""
         import torch
         from transformers import StoppingCriteriaList
 

@@ -181,12 +181,57 @@ class Job:
 
 
 class Batcher:
+    """Requests to the engine. Continuous batching (a transformers Engine): each request goes
+    straight to the engine's scheduler, which adds it to the running batch at its next decode
+    step (max_batch rows at most). Static (a .gguf's LlamaCppEngine, or Engine(continuous=False)):
+    waiting requests with the same sampling options are grouped, for up to wait_s, into one
+    engine.run call, and a request that arrives meanwhile waits for the whole batch."""
+
     def __init__(self, engine: Engine, max_batch: int, wait_s: float):
         self.engine, self.max_batch, self.wait_s = engine, max(1, max_batch), wait_s
+        self.continuous = getattr(engine, "continuous", False)
         self.q: queue.Queue[Job] = queue.Queue()
         self.pending: collections.deque[Job] = collections.deque()  # taken but not batchable yet
         self.stats = collections.Counter()
-        threading.Thread(target=self._loop, name="toucan-batcher", daemon=True).start()
+        if self.continuous:
+            engine.max_rows = self.max_batch  # before its scheduler starts (on the first request)
+        threading.Thread(target=self._dispatch if self.continuous else self._loop, name="toucan-batcher",
+                         daemon=True).start()
+
+    def all_stats(self) -> dict:
+        """For /health: requests (submitted, completed, cancelled, completion_tokens) and batches:
+        static: batches, rows, max_batch; continuous: steps (decode steps), rows (summed over
+        steps), max_batch (most rows in one step), joined, prefills."""
+        out = dict(self.stats)
+        if self.continuous and self.engine._scheduler is not None:
+            st = self.engine.scheduler.stats
+            out.update(steps=st["steps"], rows=st["rows"], max_batch=st["max_rows"], joined=st["joined"],
+                       prefills=st["prefills"])
+        return out
+
+    def queued(self) -> int:
+        n = self.q.qsize() + len(self.pending)
+        if self.continuous and self.engine._scheduler is not None:
+            n += self.engine.scheduler.queued()
+        return n
+
+    def _dispatch(self) -> None:
+        while True:
+            j = self.q.get()
+            if j.cancel.is_set():
+                continue
+            try:
+                self.engine.submit(j.ids, j.opts, on_done=lambda r, j=j: self._done(j, r), on_text=j.put,
+                                   cancel=j.cancel)
+            except Exception as e:  # a bug, not the client's fault: a 500
+                log.exception("generation failed")
+                j.put(e)
+
+    def _done(self, j: Job, r) -> None:
+        if isinstance(r, Completion):
+            self.stats["cancelled" if r.finish_reason == "cancelled" else "completed"] += 1
+            self.stats["completion_tokens"] += r.completion_tokens
+        j.put(r)
 
     def submit(self, job: Job) -> None:
         self.stats["submitted"] += 1
@@ -495,8 +540,7 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "queued": batcher.q.qsize() + len(batcher.pending),
-                **batcher.stats}
+        return {"status": "ok", "model": model_id, "queued": batcher.queued(), **batcher.all_stats()}
 
     # Prompt building and tokenization are CPU work (a long history, a 1 MB prompt): off the event
     # loop, so it keeps answering other clients and /health meanwhile. One worker, not Starlette's
@@ -624,6 +668,8 @@ def run_serve(cfg: ServeConfig) -> int:
     if cfg.api_key:
         log.info("keys given with --api-key show in `ps`; --api-key-file or TOUCAN_API_KEYS keep them private")
     engine = Engine.from_config(cfg)
+    if cfg.batching == "static" and getattr(engine, "continuous", False):
+        engine.continuous = False  # today's static batching (bench/serve.py compares the two)
     app = create_app(engine, cfg, keys)
     log.info("toucan serve: http://%s:%d/v1 (model %s, %s)", cfg.host, cfg.port,
              cfg.model_name or os.path.basename(os.path.normpath(cfg.model)),

@@ -1,15 +1,21 @@
-"""Serving benchmark: a bounded load test of `toucan serve` on loopback, and engine decode speed.
+"""Serving benchmark: continuous vs static batching in `toucan serve` on loopback, and engine speed.
 
-    .venv/bin/python bench/serve.py                      # CPU, tiny random LLaMA, 200 requests x 16 concurrent
+    .venv/bin/python bench/serve.py --threads 1          # CPU, tiny random LLaMA, 16 and 32 concurrent clients
     .venv/bin/python bench/serve.py --device cuda --hidden_size 1024 --layers 8   # (bench/gpu.sh)
 
 Part 1 (in process): decode tokens/s of Engine.generate vs plain model.generate on the same model,
-batch 1, greedy, exactly --tokens new tokens (EOS suppressed), median of --repeats; ratio printed.
-Part 2 (a real `toucan serve` process): one stream alone (baseline), then --requests streaming chat
-requests, --concurrency at a time, each exactly --tokens tokens; once with engine batching
-(--max_batch_size 16) and once as a plain FIFO queue (--max_batch_size 1). Reports requests/s,
-aggregate tokens/s (and its ratio to the single stream), p50/p95 time to first token, errors, 5xx,
-and the server's peak RSS. Exits non-zero if any request failed.
+batch 1, greedy, 128 new tokens (EOS suppressed), median of --repeats; ratio printed. Then the
+engine's offline batched throughput at each batch size of --concurrency (generate_batch of that
+many prompts, the load test's sampling settings, exactly --tokens tokens each): the ceiling a
+server can reach at that batch size.
+Part 2 (a real `toucan serve` process per run): for each --concurrency C and each batching mode
+(continuous, static; --max_batch_size C): one stream alone (baseline), then --requests_per_client x
+C streaming chat requests, C at a time, each exactly --tokens tokens. Reports aggregate tokens/s
+(vs one stream and vs offline at batch C), p50/p95 time to first token (vs the lone request), mean
+rows per decode step (continuous) or per batch (static), errors, 5xx and the server's peak RSS,
+then the acceptance checks of issue 15 (continuous: aggregate >= 0.85x offline and >= static,
+TTFT p95 <= 3x alone and <= 0.5x static, 0 errors). Exits non-zero if a request failed or a
+check did not hold.
 """
 
 from __future__ import annotations
@@ -92,13 +98,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, device: str, max_batch: int, threads: int, log: Path):
+    def __init__(self, model_dir: Path, device: str, max_batch: int, threads: int, log: Path, batching: str):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "toucan.cli", "-q", "serve", "--model", str(model_dir), "--port", str(self.port),
-             "--device", device, "--api-key", KEY, "--max_batch_size", str(max_batch), "--model_name", "bench"],
+             "--device", device, "--api-key", KEY, "--max_batch_size", str(max_batch), "--model_name", "bench",
+             "--batching", batching, "--threads", str(threads)],
             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         for _ in range(600):
             if self.proc.poll() is not None:
@@ -178,28 +185,62 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-def run_server_bench(model_dir, args, max_batch: int, work: Path) -> dict:
-    srv = Server(model_dir, args.device, max_batch, args.threads, work / f"server-b{max_batch}.log")
+LOAD_OPTS = dict(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.0)  # one_request's, serve's defaults
+
+
+def question(i: int) -> str:
+    return f"第{i}个问题：请写一首关于大海的诗。"
+
+
+def offline_throughput(model_dir: Path, device: str, batch: int, tokens: int, repeats: int) -> dict:
+    """tokens/s of Engine.generate_batch over `batch` chat prompts at once (the load test's
+    settings), continuous engine and the static path; median of `repeats`."""
+    import torch
+
+    from toucan.config import GenerationOptions
+    from toucan.engine import Engine
+
+    eng = Engine.from_dir(model_dir, device=device)
+    eng.max_rows = batch
+    prompts = [eng.messages_prompt([{"role": "user", "content": question(i)}], tokens) for i in range(batch)]
+    opts = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, **LOAD_OPTS)
+    rates = {"continuous": [], "static": []}
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for mode in rates:
+            eng.continuous = mode == "continuous"
+            t = time.perf_counter()
+            out = eng.generate_batch(prompts, opts)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            assert all(c.completion_tokens == tokens for c in out)
+            rates[mode].append(batch * tokens / (time.perf_counter() - t))
+    return {k: statistics.median(v[1:]) for k, v in rates.items()}
+
+
+def run_server_bench(model_dir, args, concurrency: int, batching: str, work: Path) -> dict:
+    srv = Server(model_dir, args.device, concurrency, args.threads, work / f"server-{batching}-{concurrency}.log",
+                 batching)
     try:
         asyncio.run(load(srv.base, 4, 4, 4))  # warm-up
         single, t_single = asyncio.run(load(srv.base, args.single, 1, args.tokens))
         before = srv.health()
-        results, wall = asyncio.run(load(srv.base, args.requests, args.concurrency, args.tokens))
+        results, wall = asyncio.run(load(srv.base, args.requests_per_client * concurrency, concurrency, args.tokens))
         after = srv.health()
     finally:
         srv.close()
     good = [r for r in results if r["ok"]]
     single_tps = sum(r["tokens"] for r in single) / t_single
     agg_tps = sum(r["tokens"] for r in good) / wall
-    batches = after["batches"] - before["batches"]
+    steps = after.get("steps" if batching == "continuous" else "batches", 0) - before.get(
+        "steps" if batching == "continuous" else "batches", 0)
     return {
-        "max_batch_size": max_batch, "requests": len(results), "ok": len(good),
+        "batching": batching, "concurrency": concurrency, "requests": len(results), "ok": len(good),
         "errors": len(results) - len(good), "5xx": sum(1 for r in results if r["status"] >= 500),
         "wall_s": wall, "req_per_s": len(good) / wall, "agg_tok_per_s": agg_tps,
         "single_stream_tok_per_s": single_tps, "agg_vs_single": agg_tps / single_tps,
         "ttft_p50_s": pct([r["ttft"] for r in good], 50), "ttft_p95_s": pct([r["ttft"] for r in good], 95),
         "single_ttft_s": statistics.median(r["ttft"] for r in single),
-        "mean_batch": (after["rows"] - before["rows"]) / max(1, batches),
+        "mean_rows": (after.get("rows", 0) - before.get("rows", 0)) / max(1, steps),
         "peak_rss_mb": srv.peak_rss / 2**20,
     }
 
@@ -210,13 +251,13 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden_size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests_per_client", type=int, default=8, help="requests per client (C x this in all)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 32], help="concurrent clients (= max batch)")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request (exact)")
     ap.add_argument("--single", type=int, default=5, help="requests in the one-stream baseline")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (bench and server)")
-    ap.add_argument("--skip_queue", action="store_true", help="skip the max_batch_size=1 (queue) run")
+    ap.add_argument("--skip_static", action="store_true", help="skip the static-batching runs (no comparison)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -238,23 +279,43 @@ def main() -> int:
         dec = decode_speed(model_dir, args.device, 128, args.repeats)
         print(f"decode (batch 1, 128 new tokens, greedy): engine {dec['engine']:.1f} tok/s vs plain "
               f"model.generate {dec['plain']:.1f} tok/s  -> ratio {dec['engine'] / dec['plain']:.2f}")
-        runs = [run_server_bench(model_dir, args, 16, work)]
-        if not args.skip_queue:
-            runs.append(run_server_bench(model_dir, args, 1, work))
+        offline = {}
+        for c in args.concurrency:
+            offline[c] = offline_throughput(model_dir, args.device, c, args.tokens, max(1, args.repeats // 2))
+            print(f"offline generate_batch, batch {c} x {args.tokens} tokens: continuous engine "
+                  f"{offline[c]['continuous']:.1f} tok/s, static (one generate call) {offline[c]['static']:.1f} tok/s "
+                  f"-> ratio {offline[c]['continuous'] / offline[c]['static']:.2f}")
+        runs = []
+        for c in args.concurrency:
+            for mode in ("continuous",) + (() if args.skip_static else ("static",)):
+                runs.append(run_server_bench(model_dir, args, c, mode, work))
+    failed = False
     for r in runs:
-        mode = "batched (max 16)" if r["max_batch_size"] > 1 else "queue (batch 1)"
-        print(f"serve {mode}: {r['requests']} streaming requests x {args.tokens} tokens, {args.concurrency} concurrent: "
-              f"{r['req_per_s']:.2f} req/s, {r['agg_tok_per_s']:.1f} tok/s aggregate vs one stream "
-              f"{r['single_stream_tok_per_s']:.1f} tok/s -> ratio {r['agg_vs_single']:.2f}; "
-              f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p95 {r['ttft_p95_s'] * 1000:.0f} ms "
-              f"(alone {r['single_ttft_s'] * 1000:.0f} ms); mean batch {r['mean_batch']:.1f}; "
-              f"errors {r['errors']}, 5xx {r['5xx']}; server peak RSS {r['peak_rss_mb']:.0f} MiB")
-    if len(runs) == 2:
-        print(f"batching vs queue: aggregate tok/s ratio {runs[0]['agg_tok_per_s'] / runs[1]['agg_tok_per_s']:.2f}, "
-              f"TTFT p95 ratio {runs[0]['ttft_p95_s'] / runs[1]['ttft_p95_s']:.2f}")
+        r["offline_tok_per_s"] = offline[r["concurrency"]]["continuous"]
+        print(f"serve {r['batching']:10s} C={r['concurrency']}: {r['requests']} streaming requests x {args.tokens} "
+              f"tokens: {r['agg_tok_per_s']:.1f} tok/s aggregate vs one stream {r['single_stream_tok_per_s']:.1f} "
+              f"-> {r['agg_vs_single']:.2f}x, vs offline batch {r['concurrency']} {r['offline_tok_per_s']:.1f} -> "
+              f"{r['agg_tok_per_s'] / r['offline_tok_per_s']:.2f}x; TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, "
+              f"p95 {r['ttft_p95_s'] * 1000:.0f} ms (alone {r['single_ttft_s'] * 1000:.0f} ms -> p95 "
+              f"{r['ttft_p95_s'] / r['single_ttft_s']:.1f}x); mean rows per {'step' if r['batching'] == 'continuous' else 'batch'} "
+              f"{r['mean_rows']:.1f}; errors {r['errors']}, 5xx {r['5xx']}; peak RSS {r['peak_rss_mb']:.0f} MiB")
+        failed |= bool(r["errors"] or r["5xx"])
+    for c in args.concurrency:
+        cont = next(r for r in runs if r["concurrency"] == c and r["batching"] == "continuous")
+        stat = next((r for r in runs if r["concurrency"] == c and r["batching"] == "static"), None)
+        checks = {"aggregate >= 0.85x offline": cont["agg_tok_per_s"] >= 0.85 * cont["offline_tok_per_s"],
+                  "TTFT p95 <= 3x alone": cont["ttft_p95_s"] <= 3 * cont["single_ttft_s"],
+                  "0 errors": cont["errors"] == 0 and cont["5xx"] == 0}
+        if stat is not None:
+            checks["aggregate >= static"] = cont["agg_tok_per_s"] >= stat["agg_tok_per_s"]
+            checks["TTFT p95 <= 0.5x static"] = cont["ttft_p95_s"] <= 0.5 * stat["ttft_p95_s"]
+            print(f"C={c}: continuous vs static: aggregate {cont['agg_tok_per_s'] / stat['agg_tok_per_s']:.2f}x, "
+                  f"TTFT p95 {cont['ttft_p95_s'] / stat['ttft_p95_s']:.2f}x, p50 {cont['ttft_p50_s'] / stat['ttft_p50_s']:.2f}x")
+        print(f"C={c} acceptance: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
+        failed |= not all(checks.values())
     if args.out:
-        Path(args.out).write_text(json.dumps({"decode": dec, "serve": runs}, indent=2))
-    return 1 if any(r["errors"] or r["5xx"] for r in runs) else 0
+        Path(args.out).write_text(json.dumps({"decode": dec, "offline": offline, "serve": runs}, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

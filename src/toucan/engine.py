@@ -245,6 +245,8 @@ class _Req:
                 self.warpers.append(TopPLogitsWarper(opts.top_p))
         # a seeded request draws from its own generator: the same answer whatever else is in the batch
         self.gen = None if opts.seed is None else torch.Generator(device).manual_seed(opts.seed % 2 ** 64)
+        # rows with equal warper settings and no generator of their own are sampled together
+        self.group = (opts.temperature, opts.top_k, opts.top_p) if self.sample and self.gen is None else None
         self.finished = False
 
     def done(self, result) -> None:
@@ -341,15 +343,19 @@ class _Scheduler:
         if any(p != 1.0 for p in pen):
             p = torch.tensor(pen, dtype=logits.dtype, device=logits.device)[:, None]
             logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
-        eos = self.engine.tokenizer.eos_token_id
-        for i, r in enumerate(reqs):
-            if r.row.n_tokens < r.min_new:
-                logits[i, eos] = float("-inf")
+        need = [r.row.n_tokens < r.min_new for r in reqs]
+        if any(need):
+            logits[torch.tensor(need, device=logits.device), self.engine.tokenizer.eos_token_id] = float("-inf")
         out = logits.argmax(-1)
+        groups: dict = {}
         for i, r in enumerate(reqs):
             if r.sample:
-                s = r.warpers(None, logits[i:i + 1])  # the warpers do not read input_ids
-                out[i] = torch.multinomial(torch.softmax(s, dim=-1), 1, generator=r.gen)[0, 0]
+                groups.setdefault(r.group if r.group is not None else ("row", i), []).append(i)
+        for rows in groups.values():
+            r = reqs[rows[0]]
+            idx = torch.tensor(rows, device=logits.device)
+            s = r.warpers(None, logits[idx])  # the warpers do not read input_ids
+            out[idx] = torch.multinomial(torch.softmax(s, dim=-1), 1, generator=r.gen)[:, 0]
         return out
 
     def _feed(self, reqs: list[_Req], toks, seen) -> None:

@@ -308,9 +308,17 @@ class _Scheduler:
             with self.cond:
                 while not self.waiting and not self.active:
                     self.cond.wait()
-                new = []
+                # Admission is capped at prefill_tokens prompt tokens per step (at least one request):
+                # a wave of joiners prefilled at once stalls every running row for the whole
+                # prefill and keeps the wave in lockstep; a few per step spreads arrivals out, so
+                # later on each step admits about one request and its first token comes a step later.
+                new, used = [], 0
                 while self.waiting and len(self.active) + len(new) < self.max_rows:
+                    n = len(self.waiting[0].ids)
+                    if new and used + n > self.engine.prefill_tokens:
+                        break
                     new.append(self.waiting.popleft())
+                    used += n
             self.ended: list[_Req] = []
             try:
                 with self.engine.lock, torch.inference_mode():
@@ -455,7 +463,8 @@ def _left_pad(x, t: int, dim: int = 2):
 
 class Engine:
     def __init__(self, model, tokenizer, template: str | Template = DEFAULT_TEMPLATE,
-                 max_context: int | None = None, continuous: bool = True, max_rows: int = 32):
+                 max_context: int | None = None, continuous: bool = True, max_rows: int = 32,
+                 prefill_tokens: int = 128):
         self.model, self.tokenizer = model, tokenizer
         self.template = get_template(template)
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -466,6 +475,7 @@ class Engine:
         # generate call; toucan.serve.api's Batcher groups waiting requests) and for beam search.
         self.lock = threading.Lock()
         self.continuous, self.max_rows = continuous, max_rows
+        self.prefill_tokens = prefill_tokens  # most prompt tokens admitted to the running batch per step
         self._scheduler: _Scheduler | None = None
         self._scheduler_lock = threading.Lock()
 

@@ -45,8 +45,11 @@ def messages_to_history(msgs, path: str) -> list[tuple[str, str]]:
     return [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, len(msgs), 2)]
 
 
-def answer(engine: Engine, history, question: str, opts, out=sys.stdout) -> str:
-    """Stream the answer to `question` after `history` onto `out`; returns the full answer."""
+def answer(engine: Engine, history, question: str, opts, out=None) -> str:
+    """Stream the answer to `question` after `history` onto `out` (default: the current
+    sys.stdout, looked up per call, not at import, so a replaced stdout is honoured); returns the
+    full answer."""
+    out = sys.stdout if out is None else out
     prompt, kept = engine.chat_prompt(history, question, opts.max_new_tokens)
     if len(kept) < len(history):
         log.info("history too long for the context: the oldest %d turn(s) are left out of the prompt",

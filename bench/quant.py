@@ -61,6 +61,10 @@ def train(out: Path, args, seed: int = 0) -> Path:
     """A hidden-256 LLaMA trained on the chat-rendered records (plain AdamW loop, one-cycle LR)."""
     want = {"steps": args.train_steps, "seed": seed, "seq": args.train_seq, "batch": args.train_batch,
             "layers": args.layers}
+    shape = dict(hidden_size=getattr(args, "hidden", 256), intermediate_size=getattr(args, "mlp", 768),
+                 num_attention_heads=getattr(args, "heads", 4))
+    if shape != dict(hidden_size=256, intermediate_size=768, num_attention_heads=4):  # the --sweep models
+        want.update(shape)
     if (out / "fp32" / "toucan.json").is_file():
         had = read_manifest(out / "fp32").get("config") or {}
         if all(had.get(k) == v for k, v in want.items()):
@@ -73,8 +77,7 @@ def train(out: Path, args, seed: int = 0) -> Path:
         ids += encode_record(tok, r, 10_000).input_ids
     data = torch.tensor(ids)
     steps, device, seq = args.train_steps, args.device, args.train_seq
-    model = tiny_llama(len(tok), seed=seed, tokenizer=tok, hidden_size=256, num_hidden_layers=args.layers,
-                       num_attention_heads=4, intermediate_size=768).to(device)
+    model = tiny_llama(len(tok), seed=seed, tokenizer=tok, num_hidden_layers=args.layers, **shape).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
@@ -118,6 +121,153 @@ def decode_tok_s(model, tok, device: str, new_tokens: int) -> float:
     return new_tokens / statistics.median(times)
 
 
+# --sweep (issue 16): the GPTQ defaults chosen by measurement on several trained shapes.
+SWEEP_MODELS = {  # name: shape; each trained here on the same records (cached in OUT/sweep/NAME/fp32)
+    "h64-l5-mlp172": dict(hidden=64, layers=5, mlp=172, heads=4),  # odd MLP width (zero-padded to 192 for g32)
+    "h128-l2-mlp512": dict(hidden=128, layers=2, mlp=512, heads=4),  # wide and shallow, MLP ratio 4
+    "h96-l3-mlp256": dict(hidden=96, layers=3, mlp=256, heads=4),  # MLP ratio 2.67, head_dim 24
+    # for g128 (the default group size: every input width must be a multiple of 128)
+    "h128-l4-mlp344": dict(hidden=128, layers=4, mlp=344, heads=4),  # odd MLP width (padded to 384 for g128)
+    "h256-l2-mlp688": dict(hidden=256, layers=2, mlp=688, heads=4),  # MLP ratio 2.69 (LLaMA's), padded to 768
+}
+SWEEP_G32 = ["h64-l5-mlp172", "h128-l2-mlp512", "h96-l3-mlp256"]
+SWEEP_G128 = ["h128-l4-mlp344", "h128-l2-mlp512", "h256-l2-mlp688"]
+# Every variant spells out all its settings (not QuantizeConfig's defaults, which this sweep chooses),
+# so "GPTQ old default" stays the pre-issue-16 default: sym, natural order, damp 0.05, 128 samples.
+OLD_DEFAULT = dict(method="gptq", sym=True, desc_act=False, damp_percent=0.05, mse=0.0, gptaq=False,
+                   calib_samples=128)
+
+
+def _v(**kw):
+    return {**OLD_DEFAULT, **kw}
+
+
+SWEEP_VARIANTS = {
+    "RTN sym": dict(method="rtn", sym=True),
+    "RTN asym": dict(method="rtn", sym=False),
+    "GPTQ old default": _v(),
+    "GPTQ sym act-order": _v(desc_act=True),
+    "GPTQ sym damp0.01": _v(damp_percent=0.01),
+    "GPTQ sym damp0.1": _v(damp_percent=0.1),
+    "GPTQ sym mse2.4": _v(mse=2.4),
+    "GPTQ sym gptaq": _v(gptaq=True),
+    "GPTQ sym calib32": _v(calib_samples=32),
+    "GPTQ sym calib256": _v(calib_samples=256),
+    "GPTQ sym len64": _v(max_len=64),
+    "GPTQ asym": _v(sym=False),
+    "GPTQ asym act-order": _v(sym=False, desc_act=True),
+    "GPTQ asym mse2.4": _v(sym=False, mse=2.4),
+    "GPTQ sym act-order mse2.4": _v(desc_act=True, mse=2.4),
+    "GPTQ asym act-order mse2.4": _v(sym=False, desc_act=True, mse=2.4),
+    "GPTQ asym damp0.1": _v(sym=False, damp_percent=0.1),
+    "GPTQ asym act-order damp0.1": _v(sym=False, desc_act=True, damp_percent=0.1),
+    "GPTQ asym act-order mse2.4 damp0.1": _v(sym=False, desc_act=True, mse=2.4, damp_percent=0.1),
+    "GPTQ asym act-order gptaq": _v(sym=False, desc_act=True, gptaq=True),
+    "GPTQ asym act-order mse2.4 gptaq": _v(sym=False, desc_act=True, mse=2.4, gptaq=True),
+    "config default": dict(method="gptq"),  # whatever config.py's QuantizeConfig says now
+}
+
+
+def sweep(args) -> int:
+    """Each SWEEP_VARIANTS row on each SWEEP_MODELS model at --bits/--group-size: KL(fp32 || q) and Δppl
+    on the held-out text, GPTQModel's quantize seconds; each GPTQ row's KL as a ratio to RTN's with
+    the same symmetry, measured in the same run. Results accumulate in OUT/sweep/results.json (a rerun
+    measures only the rows it lacks; --variants picks rows)."""
+    out = Path(args.out) / "sweep"
+    write_data(out, Path(args.data))
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    names = args.models.split(",") if args.models else SWEEP_G32 if args.group_size < 128 else SWEEP_G128
+    if args.report:
+        return sweep_report(results, names, args)
+    variants = [v for v in SWEEP_VARIANTS if not args.variants or v in args.variants.split(",")]
+    for mname in names:
+        shape = SWEEP_MODELS[mname]
+        targs = argparse.Namespace(**{**vars(args), **shape})
+        write_data(out / mname, Path(args.data))  # train() reads its records from its own folder
+        fp32 = train(out / mname, targs, seed=args.seed)
+        tok = load_tokenizer(fp32)
+        seqs = load_sequences(tok, out / "heldout.txt", ctx=args.ctx, stride=args.ctx, template="alpaca",
+                              max_samples=args.eval_windows)
+        ref = load_model(fp32, device=args.device)
+        rows = results.setdefault(mname, {})
+        if "fp32" not in rows:
+            rows["fp32"] = dict(ppl=evaluate(ref, seqs, desc="fp32")["ppl"], mib=dir_mib(fp32))
+        for vname in variants:
+            if vname in rows and not (args.redo and vname in args.redo.split(",")):
+                continue
+            kw = {k: v for k, v in SWEEP_VARIANTS[vname].items()}
+            kw.setdefault("max_len", args.ctx)
+            if "sym" in kw:
+                kw["asym"] = not kw["sym"]
+            qdir = out / mname / "q"
+            cfg = QuantizeConfig(model=str(fp32), output=str(qdir), bits=args.bits, group_size=args.group_size,
+                                 data=str(out / "train.jsonl"), device=args.device, overwrite=True, **kw)
+            try:
+                run_quantize(cfg)
+            except Exception as e:  # a variant GPTQModel cannot run here is a row, not the end of the sweep
+                rows[vname] = dict(error=f"{type(e).__name__}: {e}"[:300])
+                print(f"{mname} {vname}: FAILED {rows[vname]['error']}", flush=True)
+                continue
+            q = read_manifest(qdir)["quantization"]
+            model = load_model(qdir, device=args.device)
+            r = evaluate(model, seqs, reference=ref, desc=f"{mname} {vname}")
+            del model
+            rows[vname] = dict(ppl=r["ppl"], kl=r["kl"], quant_s=q["seconds"], mib=dir_mib(qdir),
+                               sym=q["sym"], settings={k: getattr(cfg, k) for k in (
+                                   "method", "sym", "desc_act", "damp_percent", "mse", "gptaq",
+                                   "calib_samples", "max_len")},
+                               full_precision=len(q["full_precision_layers"]), padding=q.get("mlp_padding"))
+            print(f"{mname} {vname}: KL {r['kl']:.3e} ppl {r['ppl']:.4f} ({q['seconds']:.1f} s)", flush=True)
+            res_path.write_text(json.dumps(results, indent=2))
+        res_path.write_text(json.dumps(results, indent=2))
+    return sweep_report(results, names, args)
+
+
+def sweep_report(results: dict, names: list[str], args) -> int:
+    print(f"\n{args.bits}-bit g{args.group_size}; ctx {args.ctx}; device {args.device}, {args.threads} torch threads")
+    table = {}  # variant -> model -> (KL / RTN same sym, dppl, dppl RTN same sym, KL / old default)
+    for m in names:
+        rows = results[m]
+        base = rows["fp32"]["ppl"]
+        print(f"\n{m}: fp32 ppl {base:.4f}, {rows['fp32']['mib']:.2f} MiB (markdown: bench/RESULTS.md)\n")
+        print("| variant | KL(fp32‖q) | KL / RTN same sym | Δppl | Δppl RTN same sym | KL / old default | quant s "
+              "| MiB | size / fp32 |\n|---|---|---|---|---|---|---|---|---|")
+        old = rows.get("GPTQ old default", {}).get("kl")
+        for v, r in rows.items():
+            if v == "fp32" or v not in SWEEP_VARIANTS:
+                continue
+            if "error" in r:
+                print(f"| {v} | failed: {r['error']} |")
+                continue
+            rtn = rows.get("RTN sym" if r["sym"] else "RTN asym")
+            ratio = r["kl"] / rtn["kl"] if rtn and "kl" in rtn else math.nan
+            d, d_rtn = r["ppl"] - base, (rtn["ppl"] - base if rtn and "ppl" in rtn else math.nan)
+            vs_old = r["kl"] / old if old else math.nan
+            table.setdefault(v, {})[m] = (ratio, d, d_rtn, vs_old)
+            print(f"| {v} | {r['kl']:.3e} | {ratio:.3f} | {d:+.4f} | {d_rtn:+.4f} | {vs_old:.3f} | "
+                  f"{r['quant_s']:.1f} | {r['mib']:.3f} | {r['mib'] / rows['fp32']['mib']:.3f} |")
+    print("\n| variant (all models) | mean KL / RTN | max KL / RTN | Δppl <= RTN on all | max KL / old default "
+          "| mean quant s | <= 0.45x, <= RTN, <= old |\n|---|---|---|---|---|---|---|")
+    for v, per in table.items():
+        if v.startswith("RTN") or len(per) < len(names):
+            continue
+        ratios = [x[0] for x in per.values()]
+        ok_ppl = all(x[1] <= x[2] for x in per.values())
+        worst_old = max(x[3] for x in per.values())
+        ok = max(ratios) <= 0.45 and ok_ppl and worst_old <= 1.0
+        secs = statistics.mean(results[m][v]["quant_s"] for m in names)
+        print(f"| {v} | {statistics.mean(ratios):.3f} | {max(ratios):.3f} | {'yes' if ok_ppl else 'no'} | "
+              f"{worst_old:.3f} | {secs:.1f} | {'PASS' if ok else '-'} |")
+    cd = table.get("config default")
+    if cd and len(cd) == len(names):
+        ok = all(x[0] <= 0.45 and x[1] <= x[2] for x in cd.values())
+        print(f"\nconfig default: KL <= 0.45x RTN (same bits/group/sym) and dppl <= RTN's on every model: "
+              f"{'PASS' if ok else 'FAIL'}")
+        return 0 if ok else 1
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="fp32 model directory to use instead of training one")
@@ -135,8 +285,22 @@ def main() -> int:
     ap.add_argument("--calib-max-len", type=int, help="default: --ctx")
     ap.add_argument("--ctx", type=int, help="scoring window; default: --train-seq (512 with --model)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--sweep", action="store_true", help="issue 16: the GPTQ settings sweep over SWEEP_MODELS")
+    ap.add_argument("--models", help="--sweep: comma-separated SWEEP_MODELS names (default: SWEEP_G32, or SWEEP_G128 for --group-size >= 128)")
+    ap.add_argument("--variants", help="--sweep: comma-separated SWEEP_VARIANTS names (default: all)")
+    ap.add_argument("--redo", help="--sweep: comma-separated variants to measure again")
+    ap.add_argument("--report", action="store_true", help="--sweep: only print the tables of OUT/sweep/results.json")
+    ap.add_argument("--bits", type=int, default=4, help="--sweep")
+    ap.add_argument("--group-size", type=int, default=32, help="--sweep (32: the sweep models are 64-128 wide)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        args.ctx = args.ctx or args.train_seq
+        if args.ctx > args.train_seq:
+            sys.exit(f"--ctx {args.ctx} > --train-seq {args.train_seq}: the model never saw those positions")
+        if not Path(args.data).is_file():
+            sys.exit(f"{args.data} missing: this benchmark needs ../shared (or --data FILE)")
+        return sweep(args)
     args.ctx = args.ctx or (512 if args.model else args.train_seq)
     args.calib_max_len = args.calib_max_len or args.ctx
     if not args.model and args.ctx > args.train_seq:

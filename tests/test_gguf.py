@@ -250,8 +250,8 @@ def test_gptq_sym_g32_exports_to_q4_0_bit_exactly(tiny_model_dir, tmp_path, tiny
     calib.write_text("\n".join(json.dumps({"instruction": f"计算 {a} 加 {a + 1}", "output": str(2 * a + 1)},
                                           ensure_ascii=False) for a in range(32)))
     q = tmp_path / "gptq"
-    assert run_quantize(QuantizeConfig(model=str(tiny_model_dir), output=str(q), bits=4, group_size=32,
-                                       data=str(calib), calib_samples=32, max_len=64)) == 0
+    assert run_quantize(QuantizeConfig(model=str(tiny_model_dir), output=str(q), bits=4, group_size=32, sym=True,
+                                       data=str(calib), calib_samples=32, max_len=64)) == 0  # act-order: default
     assert json.loads((q / "tokenizer_config.json").read_text())["chat_template"] == chat_template()
     f = tmp_path / "gptq-q4_0.gguf"
     m = export_gguf(q, f, "q4_0")

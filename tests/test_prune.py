@@ -233,7 +233,7 @@ def test_quantize_keeps_every_zero_and_every_group(tiny_model_dir, calib, tmp_pa
                          *args]) == 0
         return out
 
-    for name, args in (("sym", ()), ("asym", ("--asym",))):
+    for name, args in (("sym", ("--sym",)), ("asym", ("--asym",))):  # (asym is quantize's default)
         q = quantize(name, *args)
         man = read_manifest(q)
         assert man["quantization"]["keep_sparsity"] is True and man["quantization"]["zeros_forced"] == 0

@@ -395,9 +395,14 @@ class QuantizeConfig:
                       choices=["gptq", "rtn"])
     bits: int = opt(4, "bits per weight: 2, 3, 4 or 8")
     group_size: int = opt(128, "weights per scale/zero group along the input dim (-1 = per output channel)")
-    desc_act: bool = opt(False, "act-order: quantize columns by decreasing activation size (GPTQ only)")
-    sym: bool = opt(True, "symmetric quantization (fixed zero point); --no-sym or --asym for asymmetric")
-    asym: bool = opt(False, "asymmetric quantization (a zero point per group); the same as --no-sym")
+    # asymmetric + act-order + GPTAQ: the best KL to fp32 of the bench/quant.py --sweep candidates on
+    # all five models, at g32 and g128 (bench/RESULTS.md "GPTQ defaults sweep", issue 16)
+    desc_act: Optional[bool] = opt(None, "act-order: quantize columns by decreasing activation size, with static "
+                                         "groups so the kernels stay fast (GPTQ only); default: on, off for a "
+                                         "pruned model (--keep-sparsity needs natural column order)")
+    sym: bool = opt(False, "symmetric quantization (zero point fixed at the middle; what GGUF Q4_0 can take "
+                           "over exactly); default: asymmetric, a zero point per group")
+    asym: bool = opt(False, "asymmetric quantization (a zero point per group; the default); overrides --sym")
     data: Optional[str] = opt(None, "calibration data: instruction JSON/JSONL (rendered with the prompt "
                                     "template) or plain .txt (required for gptq)", "--calib-data", "--calib_data")
     calib_samples: int = opt(128, "calibration sequences (GPTQ authors advise >= 128)")
@@ -405,6 +410,11 @@ class QuantizeConfig:
     template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction calibration data",
                         choices=sorted(TEMPLATES))
     damp_percent: float = opt(0.05, "GPTQ Hessian dampening, as a fraction of its mean diagonal")
+    mse: float = opt(0.0, "GPTQ scale search: per group, shrink the range and keep the scale with the least "
+                          "sum |error|^MSE (2.4 in the GPTQ authors' code); 0 = plain min/max")
+    gptaq: Optional[bool] = opt(None, "GPTAQ (GPTQ v2): also correct the error that quantized earlier layers "
+                                      "leave in each layer's inputs (GPTQModel cannot resume such a run: "
+                                      "--no-gptaq for a resumable one); default: on, off for a pruned model")
     seed: int = opt(0, "seed for picking calibration samples")
     device: str = opt("auto", "device that runs the quantization: cpu, cuda, cuda:N, or auto")
     keep_sparsity: Optional[bool] = opt(None, "keep every zero weight zero (mask-aware GPTQ, natural column "

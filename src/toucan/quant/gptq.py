@@ -84,6 +84,96 @@ def layer_problem(in_features: int, out_features: int, bits: int, group_size: in
     return None
 
 
+def mlp_multiple(bits: int, group_size: int) -> int:
+    """The MLP width must be a multiple of this for gate/up/down_proj to pass `layer_problem`:
+    down_proj's in_features (group size, int32 packing) and gate/up's out_features (packing of
+    the zeros; 16 for torch's CPU int4 kernel at 4 bits)."""
+    pack = 32 // math.gcd(32, bits)
+    return math.lcm(pack, group_size if group_size > 0 else 1, 16 if bits == 4 else 1)
+
+
+def mlp_padding(model_dir: str | Path, bits: int, group_size: int) -> tuple[int, int] | None:
+    """(intermediate_size, padded width) when the MLP width needs padding for this grid, else None.
+
+    Padding the MLP's inner dimension with zeros is exact for a gated MLP: a zero row of up_proj
+    makes that channel act(gate) * 0 = 0 whatever act is, and the zero column of down_proj reads
+    it, so the padded model computes the same function; GPTQ sees a zero Hessian column there
+    (a dead input, whose weights it sets to 0) and RTN rounds zero weights to exactly 0 (0 is on
+    both grids). The result is an ordinary checkpoint with a larger intermediate_size that every
+    GPTQ loader (transformers + optimum + GPTQModel kernels, `toucan export gguf`) reads as is.
+    The hidden size cannot be padded this way (RMSNorm averages over it), so a layer whose input
+    is the hidden state still goes to `layer_problem`."""
+    c = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    width = c.get("intermediate_size")
+    if not isinstance(width, int) or width <= 0:
+        return None
+    m = mlp_multiple(bits, group_size)
+    return None if width % m == 0 else (width, -(-width // m) * m)
+
+
+def _pad_mlp(model, width: int) -> int:
+    """Zero-pad every gated MLP (gate_proj/up_proj/down_proj Linears) of `model` to `width`
+    inner channels, in place. Returns how many MLPs were padded."""
+    import torch
+
+    def grown(lin, out_f, in_f):
+        new = torch.nn.Linear(in_f, out_f, bias=lin.bias is not None, dtype=lin.weight.dtype,
+                              device=lin.weight.device)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:lin.out_features, :lin.in_features] = lin.weight
+            if lin.bias is not None:
+                new.bias.zero_()
+                new.bias[:lin.out_features] = lin.bias
+        return new
+
+    n = 0
+    for mod in model.modules():
+        gate, up, down = (getattr(mod, k, None) for k in ("gate_proj", "up_proj", "down_proj"))
+        if not all(isinstance(x, torch.nn.Linear) for x in (gate, up, down)):
+            continue
+        mod.gate_proj = grown(gate, width, gate.in_features)
+        mod.up_proj = grown(up, width, up.in_features)
+        mod.down_proj = grown(down, down.out_features, width)
+        if hasattr(mod, "intermediate_size"):
+            mod.intermediate_size = width
+        n += 1
+    return n
+
+
+@contextlib.contextmanager
+def padded_model_dir(src: Path, width: int, near: str | Path, trust_remote_code: bool = False):
+    """A temporary copy of the model at `src` with its MLP zero-padded to `width` (see
+    `mlp_padding`), beside `near` (the output: same disk, and named after it so that a killed run's
+    copy is removed by the next one). GPTQModel loads only from a directory, hence the copy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..fsutil import remove_stale_temps, temp_prefix
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", device_map="cpu",
+                                                     trust_remote_code=trust_remote_code)
+    except load_errors() as e:
+        raise load_error(src, e) from None
+    before = model.config.intermediate_size
+    if not _pad_mlp(model, width):
+        raise QuantError(f"{src}: intermediate_size {before} needs padding to {width}, but the model has no "
+                         f"gate_proj/up_proj/down_proj MLP to pad")
+    model.config.intermediate_size = width
+    parent = Path(os.path.abspath(near)).parent
+    remove_stale_temps(near)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(near) + "padded-",
+                                     dir=parent if parent.is_dir() else None) as d:
+        with torch.no_grad():
+            model.save_pretrained(d, safe_serialization=True)
+        del model
+        load_tokenizer(src, trust_remote_code=trust_remote_code).save_pretrained(d)
+        log.info("MLP width %d fits no GPTQ layout: quantizing a copy zero-padded to %d (exact; in %s)",
+                 before, width, d)
+        yield Path(d)
+
+
 def plan_layers(model_dir: str | Path, bits: int, group_size: int,
                 trust_remote_code: bool = False) -> tuple[list[str], dict[str, str]]:
     """(names of decoder Linear layers to quantize, {name: reason} for those kept in full precision),
@@ -184,6 +274,8 @@ def validate(cfg) -> None:
             raise QuantError(f"calib_samples={cfg.calib_samples}: need at least 1")
     if not 0 < cfg.damp_percent < 1:
         raise QuantError(f"damp_percent={cfg.damp_percent}: must be between 0 and 1")
+    if cfg.mse < 0:
+        raise QuantError(f"mse={cfg.mse}: use 0 (no scale search) or a norm exponent > 0, e.g. 2.4")
 
 
 def _plan(cfg):
@@ -265,16 +357,40 @@ def run_quantize(cfg) -> int:
 
 def _quantize(cfg, recorded=None, sources=None) -> int:
     """run_quantize on a full model directory. recorded, sources: the config and input models the
-    manifest names (the user's adapter and its base, not the temporary merged directory)."""
+    manifest names (the user's adapter and its base, not the temporary merged directory).
+    An MLP width that fits no GPTQ layout is zero-padded first (`mlp_padding`), in a temporary copy."""
+    validate(cfg)
+    src = check_model_dir(cfg.model)
+    check_remote_code(src, cfg.trust_remote_code)
+    pad = mlp_padding(src, cfg.bits, cfg.group_size)
+    if pad is None or is_quantized(src):  # (a quantized input is refused by _plan)
+        return _quantize_dir(cfg, recorded, sources)
+    check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg))  # before the copy
+    with padded_model_dir(src, pad[1], near=cfg.output, trust_remote_code=cfg.trust_remote_code) as padded:
+        return _quantize_dir(dataclasses.replace(cfg, model=str(padded)), recorded=recorded or cfg,
+                             sources=sources or [src], origin=src, padding=pad)
+
+
+def _quantize_dir(cfg, recorded=None, sources=None, origin=None, padding=None) -> int:
+    """_quantize on the directory GPTQModel loads. origin: the user's model when cfg.model is a
+    padded copy of it (its toucan.json says whether it was pruned); padding: (width, padded width)."""
     src, tokenizer, todo, skipped = _plan(cfg)
     sym = cfg.sym and not cfg.asym
-    desc_act = cfg.desc_act and cfg.method == "gptq"
-    sparse, pruning = _sparsity_plan(cfg, src, desc_act)
+    # desc_act None (the default): act-order, except for a pruned model, whose zeros need natural order
+    sparse, pruning = _sparsity_plan(cfg, origin or src, bool(cfg.desc_act) and cfg.method == "gptq")
+    desc_act = cfg.method == "gptq" and (cfg.desc_act if cfg.desc_act is not None else not sparse)
+    # GPTAQ: the mask-aware quantizer (quant/sparse.py) did not keep the zeros (tests/test_prune.py)
+    if sparse and cfg.gptaq and cfg.method == "gptq":
+        raise QuantError(f"{cfg.model} is pruned: --gptaq cannot keep its zeros; drop --gptaq "
+                         f"(or pass --no-keep-sparsity)")
+    gptaq = cfg.method == "gptq" and (cfg.gptaq if cfg.gptaq is not None else not sparse)
     # GPTQ (minutes to hours on a big model) commits each finished decoder layer, so a rerun of
     # the same command after a crash, kill or Ctrl-C resumes at the next layer. RTN needs no
     # calibration pass and takes seconds: it just runs again.
     ckpt = checkpoint_dir(cfg.output)
     blocker = resume_blocker(src, skipped) if cfg.method == "gptq" else None
+    if gptaq and not blocker:
+        blocker = "GPTQModel's checkpoints do not support GPTAQ"
     resumable = cfg.method == "gptq" and blocker is None
     if blocker:
         log.info("this run cannot resume after an interruption: %s", blocker)
@@ -295,7 +411,14 @@ def _quantize(cfg, recorded=None, sources=None) -> int:
         if cfg.method == "gptq":
             # A pruned model is quantized in natural column order (see quant/sparse.py).
             order = {"act_group_aware": False} if sparse else {}
-            qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common, **order)
+            # act-order with static groups: groups are fixed in natural column order before the
+            # reordering, so g_idx stays i // group_size and the fast (non-reordering) kernels run it
+            extra = dict(static_groups=desc_act, mse=cfg.mse)
+            if gptaq:
+                from gptqmodel.quantization.config import GPTAQConfig
+
+                extra["gptaq"] = GPTAQConfig(device=device)
+            qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common, **order, **extra)
         else:
             qcfg = RTNConfig(**common)
         # fp32 on CPU: quantization statistics and the layers kept in full precision stay exact
@@ -331,16 +454,24 @@ def _quantize(cfg, recorded=None, sources=None) -> int:
             write_manifest(tmp, "quantize", recorded or cfg, inputs, extra={"quantization": {
                 "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": sym,
                 "desc_act": desc_act, "act_group_aware": bool(getattr(qcfg, "act_group_aware", False)),
+                "static_groups": bool(getattr(qcfg, "static_groups", False)),
+                "damp_percent": cfg.damp_percent if cfg.method == "gptq" else None,
+                "mse": cfg.mse if cfg.method == "gptq" else None, "gptaq": gptaq,
                 "quantized_layers": todo, "full_precision_layers": skipped,
                 "calibration": None if calib is None else {"file": str(cfg.data), "samples": len(calib),
                                                            "tokens": sum(len(c["input_ids"]) for c in calib)},
+                "mlp_padding": None if padding is None else {
+                    "intermediate_size": padding[0], "padded_to": padding[1],
+                    "why": f"{padding[0]} is not a multiple of {mlp_multiple(cfg.bits, cfg.group_size)} "
+                           f"(group size, int32 packing, CPU int4 kernel); zero rows/columns are exact"},
                 "seconds": round(seconds, 2), "keep_sparsity": sparse,
                 "zeros_forced": sum(forced.values()) if sparse else None,
             }, **({"pruning": pruning} if pruning else {})})
     shutil.rmtree(ckpt, ignore_errors=True)  # the output is complete: nothing left to resume
     size = sum(f.stat().st_size for f in Path(cfg.output).iterdir() if f.suffix == ".safetensors")
+    padded = f", MLP width {padding[0]} zero-padded to {padding[1]}" if padding else ""
     print(f"{cfg.output}: {cfg.method} {cfg.bits}-bit group {cfg.group_size}, {len(todo)} layers quantized, "
-          f"{len(skipped)} kept in full precision, weights {size / 2**20:.2f} MiB, {seconds:.1f} s")
+          f"{len(skipped)} kept in full precision{padded}, weights {size / 2**20:.2f} MiB, {seconds:.1f} s")
     return 0
 
 

@@ -211,7 +211,9 @@ def quantize_4bit(cfg: DemoConfig, model: Path, calib: Path, out: Path) -> Path:
     from .quant import run_quantize
 
     q = out / "sft-gptq-4bit"
-    run_quantize(QuantizeConfig(model=str(model), output=str(q), method="gptq", bits=4,
+    # sym: the edge step exports this GPTQ model to GGUF Q4_0, which takes symmetric g32 groups over
+    # exactly (quantize's default is asymmetric since issue 16)
+    run_quantize(QuantizeConfig(model=str(model), output=str(q), method="gptq", bits=4, sym=True,
                                 group_size=cfg.quant_group_size, data=str(calib), calib_samples=128,
                                 max_len=cfg.max_len, template=cfg.template, seed=cfg.seed, device="cpu",
                                 overwrite=True))

@@ -238,6 +238,7 @@ def test_quantize_keeps_every_zero_and_every_group(tiny_model_dir, calib, tmp_pa
         man = read_manifest(q)
         assert man["quantization"]["keep_sparsity"] is True and man["quantization"]["zeros_forced"] == 0
         assert man["quantization"]["act_group_aware"] is False and man["pruning"]["pattern"] == "2:4"
+        assert man["quantization"]["desc_act"] is False and man["quantization"]["gptaq"] is False  # defaults: off
         after = dict(iter_decoder_weights(q))
         for n in (f"model.layers.{i}.{m}" for i in range(2) for m in ATTN):
             assert not torch.equal(after[n], before[n])  # really quantized
@@ -254,6 +255,10 @@ def test_quantize_keeps_every_zero_and_every_group(tiny_model_dir, calib, tmp_pa
     # act-order reorders columns: refused for a pruned model, one line
     assert cli.main(["quantize", "--model", str(pruned), "--output", str(tmp_path / "da"), "--data", str(calib),
                      "--group-size", "32", "--desc-act", "--device", "cpu"]) == 2
+    # so does GPTAQ (issue 16: with it the zeros were not kept); both are off by default for a pruned model
+    assert cli.main(["quantize", "--model", str(pruned), "--output", str(tmp_path / "ga"), "--data", str(calib),
+                     "--group-size", "32", "--gptaq", "--device", "cpu"]) == 2
+    assert not (tmp_path / "ga").exists()
 
 
 def gguf_blocks_hold_2of4(path) -> int:

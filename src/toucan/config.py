@@ -396,7 +396,7 @@ class QuantizeConfig:
     bits: int = opt(4, "bits per weight: 2, 3, 4 or 8")
     group_size: int = opt(128, "weights per scale/zero group along the input dim (-1 = per output channel)")
     # asymmetric + act-order + GPTAQ: the best KL to fp32 of the bench/quant.py --sweep candidates on
-    # all five models, at g32 and g128 (bench/RESULTS.md "GPTQ defaults sweep", issue 16)
+    # all six models, at g32 and g128 (bench/RESULTS.md "GPTQ defaults sweep", issue 16)
     desc_act: Optional[bool] = opt(None, "act-order: quantize columns by decreasing activation size, with static "
                                          "groups so the kernels stay fast (GPTQ only); default: on, off for a "
                                          "pruned model (--keep-sparsity needs natural column order)")

@@ -16,6 +16,14 @@ quantizer. (An earlier version trained on 128 and scored on 512; there rounding 
 
     .venv/bin/python bench/quant.py                   # CPU, ~4 min on 2 idle cores (1.5 min once trained)
     .venv/bin/python bench/quant.py --device cuda     # GPU variant (bench/gpu.sh)
+
+--sweep (issue 16) trains SWEEP_MODELS (several shapes, odd MLP widths among them) and measures
+every SWEEP_VARIANTS row (sym/asym, act-order, damping, MSE scale search, GPTAQ, calibration count
+and length) against RTN of the same bits/group/symmetry: how QuantizeConfig's defaults were chosen.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quant.py --sweep --threads 1 --train-steps 400 --train-seq 256 --train-batch 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quant.py --sweep --group-size 128 --out runs/bench-quant-g128 \
+        --threads 1 --train-steps 500 --train-seq 256 --train-batch 4
 """
 
 from __future__ import annotations

@@ -401,7 +401,7 @@ class QuantizeConfig:
                                          "groups so the kernels stay fast (GPTQ only); default: on, off for a "
                                          "pruned model (--keep-sparsity needs natural column order)")
     sym: bool = opt(False, "symmetric quantization (zero point fixed at the middle; what GGUF Q4_0 can take "
-                           "over exactly); default: asymmetric, a zero point per group")
+                           "over exactly); off: asymmetric, a zero point per group")
     asym: bool = opt(False, "asymmetric quantization (a zero point per group; the default); overrides --sym")
     data: Optional[str] = opt(None, "calibration data: instruction JSON/JSONL (rendered with the prompt "
                                     "template) or plain .txt (required for gptq)", "--calib-data", "--calib_data")

@@ -192,7 +192,9 @@ class Batcher:
         self.continuous = getattr(engine, "continuous", False)
         self.q: queue.Queue[Job] = queue.Queue()
         self.pending: collections.deque[Job] = collections.deque()  # taken but not batchable yet
-        self.stats = collections.Counter()
+        # every counter /health reports is there from the start (a client reading it before the first
+        # request ends finds zeros, not a missing key)
+        self.stats = collections.Counter(dict.fromkeys(("submitted", "completed", "cancelled", "completion_tokens"), 0))
         if self.continuous:
             engine.max_rows = self.max_batch  # before its scheduler starts (on the first request)
         threading.Thread(target=self._dispatch if self.continuous else self._loop, name="toucan-batcher",
@@ -203,8 +205,8 @@ class Batcher:
         static: batches, rows, max_batch; continuous: steps (decode steps), rows (summed over
         steps), max_batch (most rows in one step), joined, prefills."""
         out = dict(self.stats)
-        if self.continuous and self.engine._scheduler is not None:
-            st = self.engine.scheduler.stats
+        if self.continuous:
+            st = self.engine.scheduler.stats if self.engine._scheduler is not None else collections.Counter()
             out.update(steps=st["steps"], rows=st["rows"], max_batch=st["max_rows"], joined=st["joined"],
                        prefills=st["prefills"])
         return out
@@ -228,9 +230,9 @@ class Batcher:
                 j.put(e)
 
     def _done(self, j: Job, r) -> None:
-        if isinstance(r, Completion):
-            self.stats["cancelled" if r.finish_reason == "cancelled" else "completed"] += 1
+        if isinstance(r, Completion):  # tokens first: /health never shows a request done without them
             self.stats["completion_tokens"] += r.completion_tokens
+            self.stats["cancelled" if r.finish_reason == "cancelled" else "completed"] += 1
         j.put(r)
 
     def submit(self, job: Job) -> None:

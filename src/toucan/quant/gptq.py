@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's kernels accept
 BLOCK_RE = re.compile(r"(^|\.)layers\.\d+\.")          # decoder blocks: what GPTQModel quantizes
+# model types whose MLP is gate_proj/up_proj/down_proj with config.intermediate_size (mlp_padding)
+GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
 
 def gptqmodel_env() -> None:
@@ -105,8 +107,8 @@ def mlp_padding(model_dir: str | Path, bits: int, group_size: int) -> tuple[int,
     is the hidden state still goes to `layer_problem`."""
     c = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     width = c.get("intermediate_size")
-    if not isinstance(width, int) or width <= 0:
-        return None
+    if c.get("model_type") not in GATED_MLP or not isinstance(width, int) or width <= 0:
+        return None  # other MLPs: their odd-width layers stay in full precision (layer_problem)
     m = mlp_multiple(bits, group_size)
     return None if width % m == 0 else (width, -(-width // m) * m)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from .errors import ConfigError, ModelError
 from .fsutil import check_output
 from .modeling import check_model_dir, is_quantized, load_model, load_tokenizer, resolve_device, save_model_dir
-from .quant.calib import calibration_samples
+from .quant.calib import calibration_samples, check_calibration
 from .quant.sparse import pruned_pattern
 
 log = logging.getLogger(__name__)
@@ -383,14 +383,7 @@ def validate(cfg) -> Target:
     if cfg.method not in METHODS:
         raise ConfigError(f"--method {cfg.method!r}: use one of {', '.join(METHODS)}")
     if cfg.method != "magnitude":
-        if not cfg.data:
-            raise ConfigError(f"{cfg.method} needs calibration data: pass --data FILE (.json/.jsonl/.txt)")
-        if not Path(cfg.data).is_file():
-            raise ConfigError(f"calibration file {cfg.data}: no such file")
-        if cfg.calib_samples < 1:
-            raise ConfigError(f"--calib-samples {cfg.calib_samples}: need at least 1")
-    if not 0 < cfg.damp_percent < 1:
-        raise ConfigError(f"--damp-percent {cfg.damp_percent}: must be between 0 and 1")
+        check_calibration(cfg.method, cfg.data, cfg.calib_samples, cfg.damp_percent, ConfigError)
     if cfg.blocksize < 1:
         raise ConfigError(f"--blocksize {cfg.blocksize}: must be positive")
     return target

@@ -18,6 +18,20 @@ from ..errors import DataError, QuantError
 log = logging.getLogger(__name__)
 
 
+def check_calibration(method: str, data: str | None, samples: int, damp_percent: float,
+                      error: type = QuantError) -> None:
+    """The calibration settings quantize and prune share, checked before any model is loaded;
+    `error` is the command's own error type."""
+    if not data:
+        raise error(f"{method} needs calibration data: pass --data FILE (.json/.jsonl/.txt)")
+    if not Path(data).is_file():
+        raise error(f"calibration file {data}: no such file")
+    if samples < 1:
+        raise error(f"--calib-samples {samples}: need at least 1")
+    if not 0 < damp_percent < 1:
+        raise error(f"--damp-percent {damp_percent}: must be between 0 and 1")
+
+
 def is_text_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in (".txt", ".text", ".md")
 

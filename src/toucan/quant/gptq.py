@@ -29,7 +29,7 @@ from ..manifest import write_manifest
 from ..tokenizer import finish_tokenizer_dir
 from ..modeling import (adapter_base, check_model_dir, check_remote_code, is_adapter, is_quantized, load_error,
                         load_errors, load_tokenizer, merged_model_dir, resolve_device, resolve_dtype)
-from .calib import calibration_samples
+from .calib import calibration_samples, check_calibration
 from .sparse import keep_zeros, pruning_record
 
 log = logging.getLogger(__name__)
@@ -268,14 +268,9 @@ def validate(cfg) -> None:
         raise QuantError(f"group_size={cfg.group_size}: use -1 (per channel) or one of "
                          f"{', '.join(map(str, GROUP_SIZES[1:]))}")
     if cfg.method == "gptq":
-        if not cfg.data:
-            raise QuantError("gptq needs calibration data: pass --data FILE (.json/.jsonl/.txt)")
-        if not Path(cfg.data).is_file():
-            raise QuantError(f"calibration file {cfg.data}: no such file")
-        if cfg.calib_samples < 1:
-            raise QuantError(f"calib_samples={cfg.calib_samples}: need at least 1")
-    if not 0 < cfg.damp_percent < 1:
-        raise QuantError(f"damp_percent={cfg.damp_percent}: must be between 0 and 1")
+        check_calibration("gptq", cfg.data, cfg.calib_samples, cfg.damp_percent)
+    elif not 0 < cfg.damp_percent < 1:
+        raise QuantError(f"--damp-percent {cfg.damp_percent}: must be between 0 and 1")
     if cfg.mse < 0:
         raise QuantError(f"mse={cfg.mse}: use 0 (no scale search) or a norm exponent > 0, e.g. 2.4")
 

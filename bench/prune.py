@@ -79,21 +79,8 @@ def activation_spread(model, seqs) -> dict[str, float]:
 def main() -> int:
     bq = bench_quant()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="dense model directory to use instead of bench/quant.py's")
-    ap.add_argument("--data", default=str(bq.SHARED / "data/alpaca/alpaca_zh_demo.json"))
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-quant"),
-                    help="bench/quant.py's folder (its trained model is reused); results go to OUT/prune/")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    # bench/quant.py's model settings: the cached model is reused only when they match
-    ap.add_argument("--train-steps", type=int, default=650)
-    ap.add_argument("--train-seq", type=int, default=512)
-    ap.add_argument("--train-batch", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calib-samples", type=int, default=128)
+    bq.add_model_args(ap, out_help="bench/quant.py's folder (its trained model is reused); results go to OUT/prune/")
     ap.add_argument("--ctx", type=int, default=512, help="calibration and scoring window")
-    ap.add_argument("--eval-windows", type=int, default=0, help="held-out windows to score (0 = all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -276,11 +276,12 @@ def sweep_report(results: dict, names: list[str], args) -> int:
     return 0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(ap: argparse.ArgumentParser, out_help: str | None) -> None:
+    """The benchmark model's options, shared with bench/prune.py (which reuses the model this
+    script trains: the cached model is reused only when these settings match)."""
     ap.add_argument("--model", help="fp32 model directory to use instead of training one")
     ap.add_argument("--data", default=str(SHARED / "data/alpaca/alpaca_zh_demo.json"))
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-quant"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-quant"), help=out_help)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--train-steps", type=int, default=650)
@@ -290,6 +291,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="training seed of the benchmark model")
     ap.add_argument("--eval-windows", type=int, default=0, help="held-out windows of ctx tokens to score (0 = all)")
     ap.add_argument("--calib-samples", type=int, default=128)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap, out_help=None)
     ap.add_argument("--calib-max-len", type=int, help="default: --ctx")
     ap.add_argument("--ctx", type=int, help="scoring window; default: --train-seq (512 with --model)")
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -72,6 +72,7 @@ def make_app():
              "bad_share": 1.0}
     received: Counter = Counter()
     answered: Counter = Counter()
+    gone: Counter = Counter()  # held requests whose client went away (never answered)
     failed: Counter = Counter()  # scripted failures per message since the last /admin/config
 
     @app.get("/v1/models")
@@ -86,7 +87,7 @@ def make_app():
 
     @app.get("/admin/counts")
     async def counts():
-        return {"received": dict(received), "answered": dict(answered),
+        return {"received": dict(received), "answered": dict(answered), "gone": dict(gone),
                 "total_received": sum(received.values()), "total_answered": sum(answered.values())}
 
     @app.post("/v1/chat/completions")
@@ -105,6 +106,7 @@ def make_app():
             return Response(body, status_code=200, media_type=media_type)
         while state["budget"] is not None and sum(answered.values()) >= state["budget"]:
             if await request.is_disconnected():
+                gone[key] += 1
                 return JSONResponse({"error": {"message": "client gone"}}, status_code=499)
             await asyncio.sleep(0.05)
         text, _ = reply_for(message)

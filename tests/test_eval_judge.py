@@ -121,6 +121,12 @@ def test_kill9_resume_cache_and_report(server, answers, tmp_path):
     mid = server.counts()
     held = set(mid["received"]) - set(mid["answered"])
     assert 0 < len(held) <= 4  # in flight at the kill: at most --concurrency, never answered
+    # The server notices a dead client only when it next polls the connection (every 50 ms): lift
+    # the budget before it has, and it would answer a held request of the killed run.
+    deadline = time.time() + 30
+    while sum(server.counts()["gone"].values()) < sum(mid["received"][k] for k in held):
+        assert time.time() < deadline, "the server never saw the killed judge's requests go away"
+        time.sleep(0.05)
 
     server.set(budget=None)
     assert cli.main(judge_args(answers, server, run1 / "scores.jsonl")) == 0

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -66,10 +65,11 @@ def write_manifest(directory: str | os.PathLike, command: str, config: Any = Non
                    inputs: Iterable[str | os.PathLike] = (), extra: dict | None = None,
                    known: dict[str, str] | None = None) -> dict:
     """Write toucan.json into `directory` (call it last, after every output file is written).
-    `known`: sha256 of files already hashed while written (see hash_outputs)."""
+    `command`: the toucan command that made it, as the caller names it (never sys.argv: `toucan demo`
+    makes models too); `config`: the options it ran with. `known`: sha256 of files already hashed
+    while written (see hash_outputs)."""
     manifest = {
         "command": command,
-        "argv": sys.argv,
         "config": _config_dict(config),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),

@@ -23,18 +23,18 @@ log = logging.getLogger("toucan")
 # name -> (config dataclass, "module:function"). A space in the name makes a command group
 # ("tokenizer extend"). Add a line here when you add a command; nothing else to register.
 COMMANDS: dict[str, tuple[type, str]] = {
-    "data": (C.DataConfig, "toucan.data:run_data"),
+    "data": (C.DataConfig, "toucan.commands.data:run"),
     "train": (C.TrainConfig, "toucan.train:run_train"),
     "merge-lora": (C.MergeLoraConfig, "toucan.lora:run_merge_lora"),
     "chat": (C.ChatConfig, "toucan.serve.chat:run_chat"),
     "web": (C.WebConfig, "toucan.serve.web:run_web"),
     "serve": (C.ServeConfig, "toucan.serve.api:run_serve"),
     "demo": (C.DemoConfig, "toucan.demo:run_demo"),
-    "verify": (C.VerifyConfig, "toucan.manifest:run_verify"),
+    "verify": (C.VerifyConfig, "toucan.commands.verify:run"),
     "quantize": (C.QuantizeConfig, "toucan.quant:run_quantize"),
     "ppl": (C.PplConfig, "toucan.ppl:run_ppl"),
     "prune": (C.PruneConfig, "toucan.prune:run_prune"),
-    "tokenizer extend": (C.TokenizerExtendConfig, "toucan.tokenizer:run_extend"),
+    "tokenizer extend": (C.TokenizerExtendConfig, "toucan.commands.tokenizer_extend:run"),
     "make-delta": (C.MakeDeltaConfig, "toucan.delta:run_make_delta"),
     "apply-delta": (C.ApplyDeltaConfig, "toucan.delta:run_apply_delta"),
     "check-delta": (C.CheckDeltaConfig, "toucan.delta:run_check_delta"),

@@ -1,4 +1,5 @@
-"""Every command's options and their defaults: the one place defaults live.
+"""Every command's options and their defaults: the one place command defaults live (those the
+library shares, like MAX_LEN and SEED, come from toucan.defaults).
 
 Each command is a function taking one of these dataclasses (see COMMANDS in toucan.cli); the CLI
 is generated from the fields: `--field-name` is the spelling help shows, `--field_name` and any
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .defaults import MAX_LEN, SEED
 from .prompts import DEFAULT_TEMPLATE, TEMPLATES
 
 
@@ -81,10 +83,10 @@ class DataConfig:
                           positional=True, metavar="FILE[:N]")
     tokenizer: Optional[str] = opt(None, "tokenizer directory or SentencePiece .model (needed for token counts)")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))
-    max_len: int = opt(512, "maximum tokens per example (prompt + response + EOS)", "--model_max_length",
+    max_len: int = opt(MAX_LEN, "maximum tokens per example (prompt + response + EOS)", "--model_max_length",
                        "--model-max-length")
     min_response_tokens: int = opt(1, "drop examples whose response has fewer tokens")
-    seed: int = opt(42, "seed for sampling and shuffling")
+    seed: int = opt(SEED, "seed for sampling and shuffling")
     shuffle: bool = opt(True, "shuffle records (seeded)")
     dedup: bool = opt(True, "drop records whose (instruction, input, output) repeats")
     drop_too_long: bool = opt(False, "drop over-long examples instead of truncating their response")
@@ -110,7 +112,7 @@ class TrainConfig:
                       "--output_dir", "--output-dir", required=True)
     tokenizer: Optional[str] = opt(None, "tokenizer directory (default: the model's); embeddings are resized to it")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template", choices=sorted(TEMPLATES))
-    max_len: int = opt(512, "maximum tokens per example", "--model_max_length", "--model-max-length")
+    max_len: int = opt(MAX_LEN, "maximum tokens per example", "--model_max_length", "--model-max-length")
     finetuning_type: str = opt("full", "full or lora", choices=["full", "lora"])
     lora_rank: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA alpha")
@@ -129,7 +131,7 @@ class TrainConfig:
     logging_steps: int = opt(10, "log every N steps")
     save_steps: int = opt(500, "checkpoint every N steps")
     save_total_limit: Optional[int] = opt(2, "keep at most N checkpoints")
-    seed: int = opt(42, "seed for init, data order and dropout")
+    seed: int = opt(SEED, "seed for init, data order and dropout")
     bf16: bool = opt(False, "bfloat16 mixed precision (GPU)")
     fp16: bool = opt(False, "float16 mixed precision (GPU)")
     tf32: Optional[bool] = opt(None, "allow TF32 matmuls (Ampere+ GPUs)")
@@ -406,7 +408,7 @@ class QuantizeConfig:
     data: Optional[str] = opt(None, "calibration data: instruction JSON/JSONL (rendered with the prompt "
                                     "template) or plain .txt (required for gptq)", "--calib-data", "--calib_data")
     calib_samples: int = opt(128, "calibration sequences (GPTQ authors advise >= 128)")
-    max_len: int = opt(512, "tokens per calibration sequence", "--calib-max-len", "--calib_max_len")
+    max_len: int = opt(MAX_LEN, "tokens per calibration sequence", "--calib-max-len", "--calib_max_len")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction calibration data",
                         choices=sorted(TEMPLATES))
     damp_percent: float = opt(0.05, "GPTQ Hessian dampening, as a fraction of its mean diagonal")
@@ -432,9 +434,9 @@ class PplConfig:
     data: str = opt(None, "plain .txt, or instruction JSON/JSONL (only response tokens are scored)",
                     required=True)
     reference: Optional[str] = opt(None, "reference model directory for the mean per-token KL(reference || model)")
-    max_len: int = opt(512, "tokens per window (plain text), or maximum tokens per example (instruction data)",
+    max_len: int = opt(MAX_LEN, "tokens per window (plain text), or maximum tokens per example (instruction data)",
                        "--ctx")
-    stride: int = opt(512, "plain text: a window starts every STRIDE tokens; each token is scored once")
+    stride: int = opt(MAX_LEN, "plain text: a window starts every STRIDE tokens; each token is scored once")
     max_samples: int = opt(0, "score at most this many windows/examples (0 = all)")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction data", choices=sorted(TEMPLATES))
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto")
@@ -462,7 +464,7 @@ class PruneConfig:
     data: Optional[str] = opt(None, "calibration data: instruction JSON/JSONL (rendered with the prompt "
                                     "template) or plain .txt (needed by wanda and sparsegpt)")
     calib_samples: int = opt(128, "calibration sequences (both papers use 128)")
-    max_len: int = opt(512, "tokens per calibration sequence")
+    max_len: int = opt(MAX_LEN, "tokens per calibration sequence")
     template: str = opt(DEFAULT_TEMPLATE, "prompt template for instruction calibration data",
                         choices=sorted(TEMPLATES))
     damp_percent: float = opt(0.01, "SparseGPT Hessian dampening, as a fraction of its mean diagonal")

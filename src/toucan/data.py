@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .defaults import SEED
 from .errors import ConfigError, DataError
 from .prompts import DEFAULT_TEMPLATE, build_prompt
 
@@ -267,7 +268,7 @@ def dedup_key(rec: Record) -> tuple:
             tuple((q.strip(), a.strip()) for q, a in rec.history))
 
 
-def load_dataset_spec(paths: Sequence[str], seed: int = 42, shuffle: bool = True, dedup: bool = True,
+def load_dataset_spec(paths: Sequence[str], seed: int = SEED, shuffle: bool = True, dedup: bool = True,
                       skip_bad: bool = False) -> tuple[list[Record], DataReport]:
     """The final list of records for `toucan data` / `toucan train` from CLI-style specs.
 
@@ -332,14 +333,21 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def with_bos(bos_id: int, ids: list[int]) -> list[int]:
+    """[BOS] + ids: how every sequence toucan gives a model starts (training examples, prompts in
+    both engines, calibration chunks, perplexity text). The one place the rule is written."""
+    assert bos_id is not None, "tokenizer has no BOS (modeling.load_tokenizer refuses those)"
+    return [bos_id] + ids
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The prompt side of the rule: [BOS] + tokens(prompt). What the engine feeds a model is
     exactly what training put before the response."""
-    return [tokenizer.bos_token_id] + encode_text(tokenizer, prompt)
+    return with_bos(tokenizer.bos_token_id, encode_text(tokenizer, prompt))
 
 
 def _assemble(tokenizer, prompt_ids: list[int], response_ids: list[int], max_len: int) -> Encoded | None:
-    p = [tokenizer.bos_token_id] + prompt_ids
+    p = with_bos(tokenizer.bos_token_id, prompt_ids)
     r = response_ids + [tokenizer.eos_token_id]
     if len(p) >= max_len:
         return None
@@ -481,68 +489,3 @@ def record_to_json(rec: Record) -> dict:
     if rec.history:
         d["history"] = [list(t) for t in rec.history]
     return d
-
-
-def run_data(cfg) -> int:
-    """`toucan data FILE[:N] ...`: validate, sample, dedup, shuffle, length-filter; --stats, --output."""
-    from .fsutil import atomic_write_text
-
-    if cfg.max_len < 2:
-        raise ConfigError(f"--max_len must be at least 2 (BOS + EOS), got {cfg.max_len}")
-    if cfg.drop_too_long and not cfg.tokenizer:
-        raise ConfigError("--drop_too_long needs --tokenizer (lengths are counted in tokens)")
-    if cfg.output and Path(cfg.output).is_dir():  # checked before the work, not by a traceback after it
-        raise ConfigError(f"--output {cfg.output} is a directory: give the path of the JSON Lines file to write")
-    if cfg.output:  # an existing file only with --overwrite, and never one of the inputs
-        from .fsutil import check_output
-
-        check_output(cfg.output, overwrite=cfg.overwrite, is_dir=False,
-                     inputs=[parse_spec(s)[0] for s in cfg.data] + [cfg.tokenizer])
-    records, report = load_dataset_spec(cfg.data, seed=cfg.seed, shuffle=cfg.shuffle,
-                                        dedup=cfg.dedup, skip_bad=cfg.skip_bad)
-    lengths = None
-    if cfg.tokenizer:
-        from .modeling import load_tokenizer
-
-        tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-        records, _, lengths = encode_records(tok, records, cfg.max_len, cfg.template,
-                                             cfg.drop_too_long, cfg.min_response_tokens)
-    summary = report.to_dict()
-    summary["kept"] = len(records)
-    if lengths is not None:
-        summary["length"] = lengths.to_dict()
-    if cfg.stats or not cfg.output:
-        print(format_stats(summary))
-    if cfg.output:
-        atomic_write_text(cfg.output, "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n"
-                                              for r in records))
-        print(f"wrote {len(records)} records to {cfg.output}")
-    return 0
-
-
-def format_stats(s: dict) -> str:
-    lines = [f"records: {s['kept']} kept of {sum(f['read'] for f in s['files'])} read"
-             f" ({len(s['bad'])} bad skipped)"]
-    for f in s["files"]:
-        lines.append(f"  {f['path']}: read {f['read']}, bad {f['bad']}, duplicates {f['duplicates']}, "
-                     f"sample {f['sample']}, kept {f['kept']}")
-    for b in s["bad"][:10]:
-        lines.append(f"  bad: {b}")
-    if len(s["bad"]) > 10:
-        lines.append(f"  ... and {len(s['bad']) - 10} more bad records")
-    L = s.get("length")
-    if L is None:
-        lines.append("token lengths: pass --tokenizer to count them")
-        return "\n".join(lines)
-    pct = L["token_length"]
-    if pct:
-        lines.append("token length (BOS + prompt + response + EOS): "
-                     + ", ".join(f"{k} {v}" for k, v in pct.items()))
-    lines.append(f"over max_len {L['max_len']}: {L['truncated'] + L['dropped_too_long']} "
-                 f"({L['truncated']} truncated, {L['dropped_too_long']} dropped); "
-                 f"no room for a response: {L['dropped_no_room']}; "
-                 f"response under min tokens: {L['dropped_short']}")
-    if L.get("cut_before_tokenizing"):
-        lines.append(f"cut before tokenizing (over {L['cut_chars']} characters, far beyond max_len): "
-                     f"{L['cut_before_tokenizing']} record(s); their lengths above count only up to the cut")
-    return "\n".join(lines)

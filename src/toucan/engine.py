@@ -45,7 +45,7 @@ from typing import Callable, Iterator, Sequence
 
 from . import llamacpp
 from .config import GenerationOptions
-from .data import encode_prompt
+from .data import encode_prompt, with_bos
 from .errors import ConfigError
 from .prompts import (DEFAULT_TEMPLATE, Template, Turn, build_prompt, get_template, messages_to_turns,
                       render_turn)
@@ -740,7 +740,7 @@ class LlamaCppEngine(Engine):
         # toucan.data's rule with llama.cpp's tokenizer: BOS, then the prompt's tokens, with
         # SentencePiece's one dummy-prefix space written here (see llamacpp.load)
         text = (" " + prompt) if self.space_prefix else prompt
-        return [self.bos] + self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return with_bos(self.bos, self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
             cancel: list | None = None, max_new_tokens: list[int] | None = None,

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import OutputError
+from .errors import DataError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,6 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
 def read_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> list[dict]:
     """Read a JSON Lines file written by toucan. A torn final line (a killed writer) is dropped
     when tolerate_torn_tail; any other bad line raises DataError naming the line."""
-    from .errors import DataError
-
     out = []
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()

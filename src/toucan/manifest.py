@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import __version__
 from .errors import ManifestError
 from .fsutil import MANIFEST, atomic_write_json, sha256_file
 
 
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
-
-    from . import __version__
 
     out = {"toucan": __version__, "python": platform.python_version()}
     for pkg in ("torch", "transformers", "peft", "safetensors", "gptqmodel", "deepspeed"):
@@ -112,15 +111,3 @@ def check_manifest(directory: str | os.PathLike) -> None:
     if problems:
         raise ManifestError(f"{directory} does not match {MANIFEST}: " + "; ".join(problems))
 
-
-def run_verify(cfg) -> int:
-    """`toucan verify DIR`: print problems, exit 1 if any."""
-    problems = verify_manifest(cfg.directory)
-    if problems:
-        for p in problems:
-            print(p)
-        print(f"{cfg.directory}: {len(problems)} problem(s)")
-        return 1
-    n = len(read_manifest(cfg.directory).get("files", {}))
-    print(f"{cfg.directory}: OK ({n} files match {MANIFEST})")
-    return 0

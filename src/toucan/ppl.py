@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data import encode_record, encode_text, iter_records, IGNORE_INDEX
+from .data import encode_record, encode_text, iter_records, IGNORE_INDEX, with_bos
 from .errors import ConfigError
 from .prune import measure_sparsity
 from .quant.calib import is_text_file, read_text
@@ -48,7 +48,7 @@ def text_windows(ids: list[int], ctx: int, stride: int) -> Iterator[Seq]:
 def load_sequences(tokenizer, path: str | Path, ctx: int, stride: int, template: str,
                    max_samples: int = 0) -> list[Seq]:
     if is_text_file(path):
-        ids = [tokenizer.bos_token_id] + encode_text(tokenizer, read_text(path))
+        ids = with_bos(tokenizer.bos_token_id, encode_text(tokenizer, read_text(path)))
         seqs = list(text_windows(ids, ctx, stride))
     else:
         seqs = []

@@ -1,4 +1,5 @@
-"""`toucan tokenizer extend`: Chinese-LLaMA's vocabulary extension.
+"""Chinese-LLaMA's vocabulary extension (`toucan tokenizer extend`, commands/tokenizer_extend.py),
+and the SentencePiece-backed tokenizer toucan loads everywhere.
 
 LLaMA's 32,000-piece SentencePiece model splits most Chinese characters into 3 byte pieces.
 Chinese-LLaMA appended every piece of a Chinese SentencePiece model that LLaMA lacks, in that
@@ -33,8 +34,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
+from . import sp_tokenizer
 from .errors import DataError
+from .fsutil import atomic_dir
+from .manifest import write_manifest
+from .prompts import chat_template
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +94,6 @@ def sentencepiece_tokenizer(path: str | Path):
     """A transformers tokenizer that is SentencePiece: for a tokenizer.model file, or a directory
     holding one (its tokenizer_config.json's added tokens and pad token are kept). BOS/EOS/UNK are
     the model's own pieces; BOS is added, EOS is not; the chat template is toucan's."""
-    from .prompts import chat_template
-
     p = Path(path)
     model = p if p.is_file() else p / "tokenizer.model"
     ts = read_model_proto(model).trainer_spec
@@ -103,7 +107,7 @@ def sentencepiece_tokenizer(path: str | Path):
     kw = dict(bos_token=piece(ts.bos_id), eos_token=piece(ts.eos_id), unk_token=piece(ts.unk_id),
               add_bos_token=True, add_eos_token=False, legacy=True, special_tokens_pattern="bos",
               clean_up_tokenization_spaces=False)
-    from .sp_tokenizer import SentencePieceTokenizer as cls  # transformers: imported only when needed
+    cls = sp_tokenizer.SentencePieceTokenizer  # transformers: imported only now (see sp_tokenizer)
     try:
         tok = cls(vocab_file=str(model), **kw) if p.is_file() else cls.from_pretrained(str(p), **kw)
     except (OSError, ValueError, RuntimeError) as e:
@@ -116,8 +120,6 @@ def finish_tokenizer_dir(directory: str | Path) -> None:
     """After a tokenizer's save_pretrained: put toucan's chat template into tokenizer_config.json
     (transformers 5 writes it to chat_template.jinja only; servers and older tools read the config),
     and name transformers' SentencePieceBackend (not toucan's subclass) as the class to build."""
-    from .prompts import chat_template
-
     f = Path(directory) / "tokenizer_config.json"
     cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
     cfg["chat_template"] = chat_template()
@@ -132,12 +134,11 @@ def load_slow_tokenizer(directory: str | Path):
     return sentencepiece_tokenizer(directory)
 
 
-def extend(base: str | Path, add: str | Path, output: str | Path, config=None, overwrite: bool = False) -> dict:
+def extend(base: str | Path, add: str | Path, output: str | Path, overwrite: bool = False, *,
+           command: str = "tokenizer extend", config: Any = None) -> dict:
     """Merge `add` into `base` and write the tokenizer directory `output` atomically (an existing
-    one only with `overwrite`, and only one toucan wrote: fsutil.check_output)."""
-    from .fsutil import atomic_dir
-    from .manifest import write_manifest
-
+    one only with `overwrite`, and only one toucan wrote: fsutil.check_output). `command` and
+    `config` are what its toucan.json records as having made it."""
     base_proto, add_proto = read_model_proto(base), read_model_proto(add)
     n_base = len(base_proto.pieces)
     n_added = merge_models(base_proto, add_proto)
@@ -147,15 +148,8 @@ def extend(base: str | Path, add: str | Path, output: str | Path, config=None, o
         (tmp / "tokenizer.model").write_bytes(base_proto.SerializeToString())
         (tmp / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
         finish_tokenizer_dir(tmp)
-        write_manifest(tmp, "tokenizer extend", config, inputs=[base, add], extra={"tokenizer": stats})
+        write_manifest(tmp, command, config, inputs=[base, add], extra={"tokenizer": stats})
     log.info("%s: %d pieces (%d from %s + %d appended from %s)", output, stats["pieces"], n_base,
              base, n_added, add)
     return stats
 
-
-def run_extend(cfg) -> int:
-    """`toucan tokenizer extend --base BASE.model --add ADD.model --output DIR`."""
-    stats = extend(cfg.base, cfg.add, cfg.output, cfg, overwrite=cfg.overwrite)
-    print(f"{cfg.output}: {stats['pieces']} pieces ({stats['base_pieces']} base + {stats['appended']} "
-          f"appended of {stats['add_pieces']} in {Path(cfg.add).name})")
-    return 0

@@ -12,7 +12,7 @@ import logging
 import random
 from pathlib import Path
 
-from ..data import encode_record, encode_text, iter_records
+from ..data import encode_record, encode_text, iter_records, with_bos
 from ..errors import DataError, QuantError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def text_chunks(tokenizer, text: str, max_len: int) -> list[list[int]]:
     """[BOS] + consecutive max_len-1 token pieces of the text (the last one may be shorter)."""
     ids = encode_text(tokenizer, text)
     n = max_len - 1
-    return [[tokenizer.bos_token_id] + ids[i:i + n] for i in range(0, len(ids), n)]
+    return [with_bos(tokenizer.bos_token_id, ids[i:i + n]) for i in range(0, len(ids), n)]
 
 
 def calibration_samples(tokenizer, path: str | Path, n_samples: int, max_len: int,

@@ -372,8 +372,8 @@ def encode_record(tokenizer, rec: Record, max_len: int, template: str = DEFAULT_
 # Why not datasets.map here: the records are already validated Python objects (datasets' JSON
 # reader cannot name the bad line), an in-memory Dataset.from_list().map() gets no disk cache, and
 # on 2 cores num_proc only adds pickling. What does help is the fast tokenizer's batched call
-# (Rust; bench/data.py measures it against one call per record). The trainer may wrap the result
-# in datasets.Dataset.from_dict for the HF Trainer.
+# (Rust; bench/data.py measures it against one call per record). The HF Trainer takes the
+# encoded examples as a plain list (a map-style dataset), so `datasets` is not a dependency.
 
 BATCH = 1000
 

@@ -28,7 +28,7 @@ target's safetensors files byte for byte (same headers, same data) and checks ev
 as it writes it, so a corrupted delta is caught too, and the output directory appears only when all
 of it matched. By default those two passes use the xxh3-128 digests: sha256 runs at ~0.55 GB/s on
 this 2-core machine, so two sha256 passes alone took several times longer than copying the model;
-xxh3-128 (3.6 GB/s, the `xxhash` package datasets already needs) detects any accidental
+xxh3-128 (3.6 GB/s, the `xxhash` package) detects any accidental
 difference just as well. `--verify_sha256` uses the sha256 instead; check-delta always does.
 """
 

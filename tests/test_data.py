@@ -2,11 +2,14 @@
 
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import toucan
 from toucan import cli
 from toucan.data import (IGNORE_INDEX, Record, encode_record, encode_records, iter_records, load_dataset_spec,
                          parse_spec)
@@ -292,6 +295,17 @@ def test_encode_rule_and_truncation(tiny_tok):
     assert cut.truncated and len(cut.input_ids) == n_prompt + 2
     assert cut.labels[-1] != tiny_tok.eos_token_id  # a cut answer never ends with EOS
     assert encode_record(tiny_tok, rec, n_prompt) is None  # no room for one response token
+
+
+
+def test_bos_rule_is_written_once():
+    """`[BOS] + tokens` is data.with_bos; every other place that starts a sequence calls it (a
+    second copy could drift: a prompt the engine encodes unlike training did)."""
+    src = Path(toucan.__file__).parent
+    pattern = re.compile(r"\[\s*[\w.()]*\bbos\w*\s*\]\s*\+")  # [tok.bos_token_id] + ..., [self.bos] + ...
+    copies = [(str(p.relative_to(src)), line.strip()) for p in sorted(src.rglob("*.py"))
+              for line in p.read_text(encoding="utf-8").splitlines() if pattern.search(line)]
+    assert copies == [("data.py", "return [bos_id] + ids")], copies
 
 
 def test_encode_records_matches_one_by_one_and_filters(tiny_tok):

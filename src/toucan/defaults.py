@@ -5,5 +5,5 @@ function and a command flag share lives here and both refer to it. Command-only 
 `toucan.config` next to their help text.
 """
 
-MAX_LEN = 512          # tokens per training example / calibration sequence / ppl window
+MAX_LEN = 512          # tokens per training example / calibration sequence / ppl window (and stride)
 SEED = 42              # data sampling, shuffling, init

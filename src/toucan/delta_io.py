@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import DeltaError, ModelError
+from .modeling import check_model_dir
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -158,7 +159,6 @@ class Weights:
     mapped one at a time)."""
 
     def __init__(self, directory: str | os.PathLike, files: list[Path] | None = None):
-        from .modeling import check_model_dir
 
         self.dir = Path(directory) if files else check_model_dir(directory)
         self.files = files or self._weight_files()

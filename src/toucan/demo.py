@@ -22,11 +22,22 @@ import os
 import time
 from pathlib import Path
 
-from .config import DemoConfig, GenerationOptions, TrainConfig
+from .config import (ApplyDeltaConfig, DemoConfig, EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig,
+                     GenerationOptions, MakeDeltaConfig, QuantizeConfig, TrainConfig)
+from .delta import run_apply_delta, run_make_delta
+from .demo_tasks import GENERATOR_VERSION, generate
+from .engine import Engine
 from .errors import OutputError
+from .eval.generate import run_eval_generate
+from .eval.judge import run_eval_judge
+from .eval.report import run_eval_report
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from .gguf_export import export_gguf
+from .modeling import load_tokenizer, save_model_dir, tiny_llama
 from .prompts import build_prompt, get_template
+from .quant import run_quantize
 from .tokenizer import finish_tokenizer_dir
+from .train import checkpoint_dir, run_train
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +47,6 @@ def _same_settings(meta_file: Path, settings: dict) -> bool:
 
 
 def make_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
-    from .demo_tasks import GENERATOR_VERSION, generate
-
     d = out / "data"
     settings = {"seed": cfg.seed, "train_examples": cfg.train_examples, "eval_examples": cfg.eval_examples,
                 "families": list(cfg.families), "generator": GENERATOR_VERSION}
@@ -64,8 +73,6 @@ def make_tokenizer(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
     """A small BPE SentencePiece model like LLaMA's (identity normalisation, byte fallback, digits
     split), trained on the generated questions and answers, saved as a Hugging Face tokenizer dir."""
     import sentencepiece as spm
-
-    from .modeling import load_tokenizer
 
     d = out / "tokenizer"
     settings = {"vocab_size": cfg.vocab_size, "template": cfg.template,
@@ -97,8 +104,6 @@ def make_tokenizer(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
 
 
 def make_base_model(cfg: DemoConfig, tok_dir: Path, out: Path) -> Path:
-    from .modeling import load_tokenizer, save_model_dir, tiny_llama
-
     d = out / "base"
     # LLaMA's 8/3 x width, rounded up to a multiple of 32 so every layer fits 4-bit GPTQ groups
     # of 32 and torch's int4 CPU kernel (in_features % group == 0, out_features % 16 == 0)
@@ -119,7 +124,6 @@ def make_base_model(cfg: DemoConfig, tok_dir: Path, out: Path) -> Path:
 
 def exact_match(model_dir: Path, held_file: Path, template: str, batch_size: int = 64) -> dict:
     """Greedy answers to the held-out questions through the shared engine; exact match per family."""
-    from .engine import Engine
 
     import torch
 
@@ -147,7 +151,6 @@ def edge(cfg: DemoConfig, fp32_dir: Path, gptq_dir: Path, held_file: Path, out: 
     (its symmetric group-32 blocks are Q4_0's layout: carried over without a second rounding), each
     answering the held-out questions through the engine's llama.cpp backend. `same_as_fp32`: the
     share of answers equal to the transformers fp32 model's."""
-    from .gguf_export import export_gguf
 
     res = {}
     for name, src, gtype in (("q8_0", fp32_dir, "q8_0"), ("q4_0", fp32_dir, "q4_0"), ("gptq-q4_0", gptq_dir, "q4_0")):
@@ -169,7 +172,6 @@ def chat_transcript(model_dir: Path, template: str, questions: list[str]) -> lis
     """A few questions through the engine, each as a new chat: the toy model is trained on single
     questions (a fifth of them after earlier turns was tried: the chat then worked, but held-out
     accuracy fell by 6 to 12 points in the same budget)."""
-    from .engine import Engine
 
     engine = Engine.from_dir(model_dir, device="cpu", template=template)
     return [{"user": q, "assistant": engine.generate(build_prompt(q, template=template), greedy(16)).text}
@@ -197,8 +199,6 @@ EVAL_CLASS = {"parity": "math", "add": "math", "div5": "classification", "greate
 
 def delta_round_trip(base: Path, sft: Path, out: Path) -> Path:
     """make-delta then apply-delta (which verifies sha256 of every restored file) -> restored dir."""
-    from .config import ApplyDeltaConfig, MakeDeltaConfig
-    from .delta import run_apply_delta, run_make_delta
 
     delta, restored = out / "delta", out / "sft-restored"
     run_make_delta(MakeDeltaConfig(base=str(base), model=str(sft), output=str(delta), overwrite=True))
@@ -207,9 +207,6 @@ def delta_round_trip(base: Path, sft: Path, out: Path) -> Path:
 
 
 def quantize_4bit(cfg: DemoConfig, model: Path, calib: Path, out: Path) -> Path:
-    from .config import QuantizeConfig
-    from .quant import run_quantize
-
     q = out / "sft-gptq-4bit"
     # sym: the edge step exports this GPTQ model to GGUF Q4_0, which takes symmetric g32 groups over
     # exactly (quantize's default is asymmetric since issue 16)
@@ -222,10 +219,6 @@ def quantize_4bit(cfg: DemoConfig, model: Path, calib: Path, out: Path) -> Path:
 
 def evaluate(cfg: DemoConfig, models: dict[str, Path], held_file: Path, out: Path) -> Path:
     """`toucan eval` generate + judge (offline reference judge) + report for each model."""
-    from .config import EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig
-    from .eval.generate import run_eval_generate
-    from .eval.judge import run_eval_judge
-    from .eval.report import run_eval_report
 
     d = out / "eval"
     d.mkdir(parents=True, exist_ok=True)
@@ -265,8 +258,6 @@ def _drop_stale_checkpoints(tcfg: TrainConfig, base_settings: dict) -> None:
     made for this same model and these same settings: others are removed first."""
     import shutil
 
-    from .train import checkpoint_dir
-
     ckpt = checkpoint_dir(tcfg)
     stamp = ckpt.with_name(ckpt.name + ".settings.json")
     settings = {"train": json.loads(json.dumps(dataclasses.asdict(tcfg))), "base": base_settings}
@@ -297,7 +288,6 @@ def _lap(times: dict[str, float], name: str):
 def _sft(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> tuple[Path, list[float]]:
     """`toucan train` on the generated data, or the model trained before with the same settings;
     returns its directory and training losses."""
-    from .train import run_train
 
     tcfg = train_config(cfg, base, train_file, out)
     sft = Path(tcfg.output)
@@ -371,8 +361,6 @@ def run_demo(cfg: DemoConfig) -> int:
     with _lap(times, "chat"):
         held = [json.loads(line) for line in held_file.read_text(encoding="utf-8").splitlines()]
         transcript = chat_transcript(final, cfg.template, [r["instruction"] for r in held[:3]])
-
-    from .modeling import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     summary = {

@@ -47,6 +47,7 @@ from . import llamacpp
 from .config import GenerationOptions
 from .data import encode_prompt, with_bos
 from .errors import ConfigError
+from .modeling import load_model, load_tokenizer
 from .prompts import (DEFAULT_TEMPLATE, Template, Turn, build_prompt, get_template, messages_to_turns,
                       render_turn)
 
@@ -506,7 +507,6 @@ class Engine:
             if device not in ("auto", "cpu"):
                 log.warning("--device %s: a .gguf runs on the CPU (llama.cpp, no layers offloaded)", device)
             return LlamaCppEngine(path, template, n_ctx=max_context or 0, threads=threads)
-        from .modeling import load_model, load_tokenizer
 
         if threads:
             import torch

@@ -35,6 +35,7 @@ from .errors import ConfigError, GgufError, ModelError, OutputError
 from .fsutil import atomic_write_json, sha256_file
 from .modeling import check_model_dir, is_adapter, merged_model_dir
 from .prompts import chat_template
+from .tokenizer import read_model_proto, sentencepiece_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,6 @@ class Vocab:
 def read_vocab(src: Source) -> Vocab:
     import gguf
 
-    from .tokenizer import read_model_proto
 
     path = src.dir / "tokenizer.model"
     if not path.is_file():
@@ -658,7 +658,6 @@ def gguf_tokenizer(path: str | os.PathLike):
     SentencePiece-backed transformers tokenizer), or None for a GGUF from elsewhere."""
     import gguf
 
-    from .tokenizer import sentencepiece_tokenizer
 
     field = gguf.GGUFReader(path).fields.get(SP_MODEL_KEY)
     if field is None:

@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ModelError
-from .fsutil import remove_stale_temps, temp_prefix
+from .errors import ModelError, QuantError
+from .fsutil import atomic_dir, remove_stale_temps, temp_prefix
+from .manifest import write_manifest
 from .prompts import chat_template
 from .tokenizer import finish_tokenizer_dir, sentencepiece_tokenizer
 
@@ -187,8 +188,6 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
     check_remote_code(p, trust_remote_code)
     device = resolve_device(device)
     if is_quantized(p):
-        from .quant import load_quantized  # GPTQModel is only needed for quantized models
-
         model = load_quantized(p, device=device, trust_remote_code=trust_remote_code)
     else:
         try:
@@ -337,9 +336,6 @@ def save_model_dir(out_dir: str | os.PathLike, model=None, tokenizer=None, *, co
     """Write model + tokenizer + toucan.json into out_dir atomically (temp dir, then rename).
     An existing out_dir is replaced only with `overwrite`, and only a toucan output that is not, and
     does not contain, one of `guard_inputs` (default: `inputs`, which the manifest hashes)."""
-    from .fsutil import atomic_dir
-    from .manifest import write_manifest
-
     inputs = list(inputs)
     guard = inputs if guard_inputs is None else list(guard_inputs)
     with atomic_dir(out_dir, overwrite=overwrite, inputs=guard) as tmp:
@@ -378,3 +374,39 @@ def tiny_llama(vocab_size: int, seed: int = 0, tokenizer=None, **kw):
         kw.setdefault("pad_token_id", tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(vocab_size, **kw))
+
+
+# Quantized loading lives here, with the other loaders, so that both load_model and the quantizer
+# (quant/gptq.py) reach it without an import cycle; GPTQModel itself is imported by transformers
+# only when a quantized directory is loaded.
+def gptqmodel_env() -> None:
+    """GPTQModel sizes a CPU worker pool and fails on 2 cores unless told ("Virtual pool
+    'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"): set it from the core count."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+
+
+def load_quantized(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
+    """A GPTQ directory through plain transformers (+ optimum + GPTQModel kernels), in eval mode.
+
+    Kernels: on CPU GPTQModel picks TorchAtenLinear (torch's int4 CPU matmul) for 4-bit groups of
+    16..128, else its dequantizing TorchLinear; on CUDA, Marlin/ExLlama/Triton as available."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_remote_code(path, trust_remote_code)
+    gptqmodel_env()
+    # CPU: keep the unquantized parts (embeddings, norms, lm_head) in fp32; GPU kernels want fp16.
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    # GPTQModel logs (banner, kernel notes) go to stdout; keep stdout for answers (`chat --plain`).
+    with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), device_map=device, dtype=dtype,
+                                                         trust_remote_code=trust_remote_code)
+        except ImportError as e:
+            raise QuantError(f"{path}: loading a GPTQ model needs gptqmodel and optimum installed ({e})") from None
+        except load_errors() as e:
+            raise load_error(path, e) from None
+        model.eval()
+        # The CPU kernel repacks its weights on the first forward: do it here, not in the first reply.
+        model(torch.tensor([[model.config.bos_token_id or 0]], device=model.device))
+    return model

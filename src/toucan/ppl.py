@@ -25,6 +25,8 @@ from typing import Iterable, Iterator
 
 from .data import encode_record, encode_text, iter_records, IGNORE_INDEX, with_bos
 from .errors import ConfigError
+from .fsutil import atomic_write_json, check_output
+from .modeling import adapter_base, check_model_dir, is_adapter, load_model, load_tokenizer
 from .prune import measure_sparsity
 from .quant.calib import is_text_file, read_text
 
@@ -90,8 +92,6 @@ def evaluate(model, seqs: Iterable[Seq], reference=None, desc: str = "ppl") -> d
 
 
 def run_ppl(cfg) -> int:
-    from .fsutil import atomic_write_json, check_output
-    from .modeling import adapter_base, check_model_dir, is_adapter, load_model, load_tokenizer
 
     if cfg.max_len < 2 or not 1 <= cfg.stride <= cfg.max_len:
         raise ConfigError(f"need --max-len >= 2 and 1 <= --stride <= --max-len (got {cfg.max_len} and {cfg.stride})")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, ModelError
+from .delta_io import Weights
 from .fsutil import check_output
 from .modeling import check_model_dir, is_quantized, load_model, load_tokenizer, resolve_device, save_model_dir
 from .quant.calib import calibration_samples, check_calibration
@@ -330,7 +331,6 @@ def _gptq_dequantize(weights, prefix: str, qcfg: dict):
 def iter_decoder_weights(model_dir: str | Path):
     """(name, dense fp32 [out, in] weight) of every decoder Linear in a model directory, full
     precision or GPTQ (dequantized: an exact zero stays visible), read one tensor at a time."""
-    from .delta_io import Weights
 
     d = Path(model_dir)
     qcfg = json.loads((d / "config.json").read_text()).get("quantization_config")

@@ -29,7 +29,10 @@ from .collate import PackedCollator, SFTCollator, pack_examples, response_loss
 from .data import IGNORE_INDEX, encode_records, load_dataset_spec, parse_spec
 from .errors import ConfigError, DataError
 from .fsutil import atomic_write_json, check_output
-from .modeling import resize_embeddings  # also what LoRA adapters load with (modeling.load_adapter)
+from .lora import apply_lora
+# resize_embeddings is also what LoRA adapters load with (modeling.load_adapter)
+from .modeling import (check_model_dir, check_remote_code, load_error, load_errors, load_tokenizer,
+                       resize_embeddings, save_model_dir)
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +282,6 @@ def _load_model(cfg: TrainConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .modeling import check_model_dir, check_remote_code, load_error, load_errors
 
     check_model_dir(cfg.model)
     check_remote_code(cfg.model, cfg.trust_remote_code)
@@ -319,7 +321,6 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     import torch
     from transformers import Trainer, set_seed
 
-    from .modeling import check_model_dir, load_tokenizer, save_model_dir
 
     if cfg.model is None or cfg.output is None or not cfg.data:
         raise ConfigError("--model, --data and --output are required")
@@ -338,7 +339,6 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     added = resize_embeddings(model, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.finetuning_type == "lora":
-        from .lora import apply_lora
 
         model = apply_lora(model, cfg)
 

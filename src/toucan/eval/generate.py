@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import EvalGenerateConfig, GenerationOptions
+from ..engine import Engine
 from ..errors import ConfigError, EvalError
 from ..fsutil import append_jsonl, check_output, sha256_file
 from ..prompts import build_prompt
@@ -215,7 +216,6 @@ def _generate_api(cfg: EvalGenerateConfig, client, model: str, todo: list[dict])
 
 
 def run_eval_generate(cfg: EvalGenerateConfig) -> int:
-    from ..engine import Engine
 
     check_generate(cfg)
     items = load_eval_set(cfg.data)

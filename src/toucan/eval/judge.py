@@ -40,6 +40,7 @@ from ..fsutil import append_jsonl, atomic_write_text, check_output, read_jsonl, 
 from ..prompts import judge_message
 from .items import CLASSES, load_judge_prompts, normalize_class, read_records, repair_torn_tail
 from .parse import parse_score
+from .reference import judge_reference
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,6 @@ def run_eval_judge(cfg: EvalJudgeConfig) -> int:
             raise EvalError(f"{cfg.data}: item {a.get('id')}: unknown class {a['class']!r}")
     judge = {"kind": cfg.judge, "comparable_with_llm_judge": cfg.judge == "llm"}
     if cfg.judge == "reference":
-        from .reference import judge_reference  # rouge-score (and nltk) only when used
 
         scored = [{**a, **judge_reference(a)} for a in tqdm(answers, desc="rouge-l", unit="item")]
         judge["method"] = "character-level ROUGE-L F1 against std_answer (rouge-score)"

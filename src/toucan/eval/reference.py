@@ -13,9 +13,8 @@ unit for Chinese ROUGE since Chinese has no spaces between words.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
-
-from rouge_score import rouge_scorer
 
 
 class CharTokenizer:
@@ -26,12 +25,17 @@ class CharTokenizer:
         return [c for c in text if not c.isspace() and not unicodedata.category(c).startswith("P")]
 
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CharTokenizer())
+@functools.cache
+def _scorer():
+    # rouge-score imports nltk (about a second): only `eval judge --judge reference` pays for it.
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=CharTokenizer())
 
 
 def rouge_l(answer: str, reference: str) -> float:
     """Character ROUGE-L F1 in 0..1 (0 when either side has no characters left)."""
-    return _SCORER.score(reference, answer)["rougeL"].fmeasure
+    return _scorer().score(reference, answer)["rougeL"].fmeasure
 
 
 def judge_reference(item: dict) -> dict:

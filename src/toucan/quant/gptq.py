@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from ..errors import QuantError
-from ..fsutil import atomic_dir, atomic_write_json, check_output
+from ..fsutil import atomic_dir, atomic_write_json, check_output, remove_stale_temps, temp_prefix
 from ..manifest import write_manifest
 from ..tokenizer import finish_tokenizer_dir
-from ..modeling import (adapter_base, check_model_dir, check_remote_code, is_adapter, is_quantized, load_error,
-                        load_errors, load_tokenizer, merged_model_dir, resolve_device, resolve_dtype)
+from ..modeling import (adapter_base, check_model_dir, check_remote_code, gptqmodel_env, is_adapter, is_quantized,
+                        load_error, load_errors, load_quantized, load_tokenizer, merged_model_dir, resolve_device, resolve_dtype)
 from .calib import calibration_samples, check_calibration
 from .sparse import keep_zeros, pruning_record
 
@@ -39,12 +39,6 @@ GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's kernels 
 BLOCK_RE = re.compile(r"(^|\.)layers\.\d+\.")          # decoder blocks: what GPTQModel quantizes
 # model types whose MLP is gate_proj/up_proj/down_proj with config.intermediate_size (mlp_padding)
 GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
-
-
-def gptqmodel_env() -> None:
-    """GPTQModel sizes a CPU worker pool and fails on 2 cores unless told ("Virtual pool
-    'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"): set it from the core count."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
 
 
 @contextlib.contextmanager
@@ -151,7 +145,6 @@ def padded_model_dir(src: Path, width: int, near: str | Path, trust_remote_code:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..fsutil import remove_stale_temps, temp_prefix
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", device_map="cpu",
@@ -470,30 +463,3 @@ def _quantize_dir(cfg, recorded=None, sources=None, origin=None, padding=None) -
     print(f"{cfg.output}: {cfg.method} {cfg.bits}-bit group {cfg.group_size}, {len(todo)} layers quantized, "
           f"{len(skipped)} kept in full precision{padded}, weights {size / 2**20:.2f} MiB, {seconds:.1f} s")
     return 0
-
-
-def load_quantized(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
-    """A GPTQ directory through plain transformers (+ optimum + GPTQModel kernels), in eval mode.
-
-    Kernels: on CPU GPTQModel picks TorchAtenLinear (torch's int4 CPU matmul) for 4-bit groups of
-    16..128, else its dequantizing TorchLinear; on CUDA, Marlin/ExLlama/Triton as available."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    check_remote_code(path, trust_remote_code)
-    gptqmodel_env()
-    # CPU: keep the unquantized parts (embeddings, norms, lm_head) in fp32; GPU kernels want fp16.
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    # GPTQModel logs (banner, kernel notes) go to stdout; keep stdout for answers (`chat --plain`).
-    with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), device_map=device, dtype=dtype,
-                                                         trust_remote_code=trust_remote_code)
-        except ImportError as e:
-            raise QuantError(f"{path}: loading a GPTQ model needs gptqmodel and optimum installed ({e})") from None
-        except load_errors() as e:
-            raise load_error(path, e) from None
-        model.eval()
-        # The CPU kernel repacks its weights on the first forward: do it here, not in the first reply.
-        model(torch.tensor([[model.config.bos_token_id or 0]], device=model.device))
-    return model

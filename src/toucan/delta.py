@@ -347,30 +347,3 @@ def check_delta(base_dir, delta_dir, target_dir=None) -> list[tuple[str, str, st
     if target_dir is not None:
         rows += _compare(Weights(target_dir), info["tensors"], "target")
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# commands
-
-def run_make_delta(cfg) -> int:
-    info = make_delta(cfg.base, cfg.model, cfg.output, cfg.max_shard_size, cfg, overwrite=cfg.overwrite)
-    print(f"{cfg.output}: delta of {len(info['tensors'])} tensors "
-          f"({sum(p['base'] is None for p in info['tensors'].values())} stored as they are, "
-          f"{sum(p['base_rows'] is not None for p in info['tensors'].values())} with new vocabulary rows)")
-    return 0
-
-
-def run_apply_delta(cfg) -> int:
-    apply_delta(cfg.base, cfg.delta, cfg.output, cfg, verify_sha256=cfg.verify_sha256, overwrite=cfg.overwrite)
-    print(f"{cfg.output}: restored and verified against {cfg.delta} "
-          f"({'sha256' if cfg.verify_sha256 else 'xxh3-128'} of the base and of every restored tensor)")
-    return 0
-
-
-def run_check_delta(cfg) -> int:
-    rows = check_delta(cfg.base, cfg.delta, cfg.model)
-    for status, what, name in rows:
-        print(f"{status:8s} {what:6s} {name}")
-    bad = [r for r in rows if r[0] != "match"]
-    print(f"{len(rows) - len(bad)} match, {len(bad)} mismatch")
-    return 1 if bad else 0

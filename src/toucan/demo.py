@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .config import (ApplyDeltaConfig, DemoConfig, EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig,
                      GenerationOptions, MakeDeltaConfig, QuantizeConfig, TrainConfig)
-from .delta import run_apply_delta, run_make_delta
+from .commands import apply_delta, make_delta
 from .demo_tasks import GENERATOR_VERSION, generate
 from .engine import Engine
 from .errors import OutputError
@@ -201,8 +201,8 @@ def delta_round_trip(base: Path, sft: Path, out: Path) -> Path:
     """make-delta then apply-delta (which verifies sha256 of every restored file) -> restored dir."""
 
     delta, restored = out / "delta", out / "sft-restored"
-    run_make_delta(MakeDeltaConfig(base=str(base), model=str(sft), output=str(delta), overwrite=True))
-    run_apply_delta(ApplyDeltaConfig(base=str(base), delta=str(delta), output=str(restored), overwrite=True))
+    make_delta.run(MakeDeltaConfig(base=str(base), model=str(sft), output=str(delta), overwrite=True))
+    apply_delta.run(ApplyDeltaConfig(base=str(base), delta=str(delta), output=str(restored), overwrite=True))
     return restored
 
 

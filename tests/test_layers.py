@@ -119,7 +119,6 @@ KNOWN_UNFINISHED = {
                              'fetch_replies: takes cfg',
                              'run_eval_judge: print()',
                              'run_eval_judge: takes cfg'],
-    'toucan.eval.report': ['run_eval_report: print()', 'run_eval_report: takes cfg'],
     'toucan.gguf_export': ['run_export_gguf: print()', 'run_export_gguf: takes cfg'],
     'toucan.lora': ['apply_lora: takes cfg', 'lora_config: takes cfg', 'run_merge_lora: takes cfg'],
     'toucan.ppl': ['run_ppl: print()', 'run_ppl: takes cfg'],

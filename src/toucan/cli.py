@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "check-delta": (C.CheckDeltaConfig, "toucan.commands.check_delta:run"),
     "eval generate": (C.EvalGenerateConfig, "toucan.eval.generate:run_eval_generate"),
     "eval judge": (C.EvalJudgeConfig, "toucan.eval.judge:run_eval_judge"),
-    "eval report": (C.EvalReportConfig, "toucan.eval.report:run_eval_report"),
+    "eval report": (C.EvalReportConfig, "toucan.commands.eval_report:run"),
     "export gguf": (C.ExportGgufConfig, "toucan.gguf_export:run_export_gguf"),
 }
 

@@ -24,13 +24,12 @@ from pathlib import Path
 
 from .config import (ApplyDeltaConfig, DemoConfig, EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig,
                      GenerationOptions, MakeDeltaConfig, QuantizeConfig, TrainConfig)
-from .commands import apply_delta, make_delta
+from .commands import apply_delta, eval_report, make_delta
 from .demo_tasks import GENERATOR_VERSION, generate
 from .engine import Engine
 from .errors import OutputError
 from .eval.generate import run_eval_generate
 from .eval.judge import run_eval_judge
-from .eval.report import run_eval_report
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from .gguf_export import export_gguf
 from .modeling import load_tokenizer, save_model_dir, tiny_llama
@@ -238,7 +237,7 @@ def evaluate(cfg: DemoConfig, models: dict[str, Path], held_file: Path, out: Pat
         scores.append(d / f"scores-{name}.jsonl")
         run_eval_judge(EvalJudgeConfig(data=str(answers), output=str(scores[-1]), judge="reference", overwrite=True))
     report = out / "report"
-    run_eval_report(EvalReportConfig(scores=[str(x) for x in scores], output=str(report), overwrite=True))
+    eval_report.run(EvalReportConfig(scores=[str(x) for x in scores], output=str(report), overwrite=True))
     return report
 
 

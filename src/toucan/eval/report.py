@@ -17,7 +17,6 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import EvalReportConfig
 from ..errors import EvalError
 from ..fsutil import atomic_dir, check_output
 from .items import CLASSES, read_records
@@ -162,25 +161,23 @@ def build_report(score_files: list[str]) -> tuple[list[dict], str, str]:
 REPORT_MARKER = "report.json"
 
 
-def run_eval_report(cfg: EvalReportConfig) -> int:
-    # The scores files are inputs, so --output can be neither one of them nor a folder holding one
+def write_report(scores: list[str], output: str, overwrite: bool = False) -> tuple[list[dict], str, list[str]]:
+    """Write report.md, table.md, table.csv, report.json and chart.png into `output` atomically;
+    return the summaries, the markdown table and the notes (markdown)."""
+    # The scores files are inputs, so output can be neither one of them nor a folder holding one
     # (that folder usually also holds the answers and the paid judge cache).
-    inputs = list(cfg.scores)
-    check_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs, markers=(REPORT_MARKER,))
-    summaries, table, md = build_report(cfg.scores)
+    inputs = list(scores)
+    check_output(output, overwrite=overwrite, inputs=inputs, markers=(REPORT_MARKER,))
+    summaries, table, md = build_report(scores)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(COLUMNS)
     w.writerows([[("" if v is None else (round(v, 4) if isinstance(v, float) else v)) for v in _row(s)] for s in summaries])
-    with atomic_dir(cfg.output, overwrite=cfg.overwrite, inputs=inputs, markers=(REPORT_MARKER,)) as d:
+    with atomic_dir(output, overwrite=overwrite, inputs=inputs, markers=(REPORT_MARKER,)) as d:
         (d / "report.md").write_text(md, encoding="utf-8")
         (d / "table.md").write_text(table, encoding="utf-8")
         (d / "table.csv").write_text(buf.getvalue(), encoding="utf-8")
         (d / "report.json").write_text(json.dumps({"columns": COLUMNS, "models": summaries}, ensure_ascii=False,
                                                   indent=2) + "\n", encoding="utf-8")
         chart(summaries, d / "chart.png")
-    print(table, end="")
-    for n in _notes(summaries):
-        print("note:", n.replace("**", ""))
-    print(f"report -> {cfg.output}/ (report.md, table.md, table.csv, report.json, chart.png)")
-    return 0
+    return summaries, table, _notes(summaries)

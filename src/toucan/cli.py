@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "apply-delta": (C.ApplyDeltaConfig, "toucan.commands.apply_delta:run"),
     "check-delta": (C.CheckDeltaConfig, "toucan.commands.check_delta:run"),
     "eval generate": (C.EvalGenerateConfig, "toucan.eval.generate:run_eval_generate"),
-    "eval judge": (C.EvalJudgeConfig, "toucan.eval.judge:run_eval_judge"),
+    "eval judge": (C.EvalJudgeConfig, "toucan.commands.eval_judge:run"),
     "eval report": (C.EvalReportConfig, "toucan.commands.eval_report:run"),
     "export gguf": (C.ExportGgufConfig, "toucan.gguf_export:run_export_gguf"),
 }

@@ -24,12 +24,11 @@ from pathlib import Path
 
 from .config import (ApplyDeltaConfig, DemoConfig, EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig,
                      GenerationOptions, MakeDeltaConfig, QuantizeConfig, TrainConfig)
-from .commands import apply_delta, eval_report, make_delta
+from .commands import apply_delta, eval_judge, eval_report, make_delta
 from .demo_tasks import GENERATOR_VERSION, generate
 from .engine import Engine
 from .errors import OutputError
 from .eval.generate import run_eval_generate
-from .eval.judge import run_eval_judge
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from .gguf_export import export_gguf
 from .modeling import load_tokenizer, save_model_dir, tiny_llama
@@ -235,7 +234,7 @@ def evaluate(cfg: DemoConfig, models: dict[str, Path], held_file: Path, out: Pat
             template=cfg.template, device="cpu", batch_size=64, max_new_tokens=32, do_sample=False,
             temperature=0.0, repetition_penalty=1.0, overwrite=True))
         scores.append(d / f"scores-{name}.jsonl")
-        run_eval_judge(EvalJudgeConfig(data=str(answers), output=str(scores[-1]), judge="reference", overwrite=True))
+        eval_judge.run(EvalJudgeConfig(data=str(answers), output=str(scores[-1]), judge="reference", overwrite=True))
     report = out / "report"
     eval_report.run(EvalReportConfig(scores=[str(x) for x in scores], output=str(report), overwrite=True))
     return report

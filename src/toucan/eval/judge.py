@@ -30,13 +30,13 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import EvalJudgeConfig
 from ..errors import EvalError
-from ..fsutil import append_jsonl, atomic_write_text, check_output, read_jsonl, sha256_file
+from ..fsutil import append_jsonl, atomic_write_text, read_jsonl, sha256_file
 from ..prompts import judge_message
 from .items import CLASSES, load_judge_prompts, normalize_class, read_records, repair_torn_tail
 from .parse import parse_score
@@ -71,16 +71,32 @@ class JudgeCache:
         return rec
 
 
-def _client(cfg: EvalJudgeConfig):
+@dataclass(frozen=True)
+class JudgeEndpoint:
+    """An OpenAI-compatible judge and how to ask it. No defaults here: they are the `eval judge`
+    flags' (toucan.config.EvalJudgeConfig), which build it."""
+
+    model: str
+    url: str | None                 # None: the openai client's default ($OPENAI_BASE_URL or OpenAI)
+    api_key_env: str                # the variable holding the key, named so errors can say which
+    temperature: float
+    max_tokens: int | None
+    concurrency: int
+    retries: int
+    timeout: float
+    max_consecutive_failures: int   # 0: never stop
+
+
+def _client(ep: JudgeEndpoint):
     from openai import OpenAI
 
-    key = os.environ.get(cfg.api_key_env)
+    key = os.environ.get(ep.api_key_env)
     if not key:
-        if cfg.judge_url is None:
-            raise EvalError(f"no API key: set ${cfg.api_key_env} (or --api-key-env VAR), or give --judge-url "
+        if ep.url is None:
+            raise EvalError(f"no API key: set ${ep.api_key_env} (or --api-key-env VAR), or give --judge-url "
                             "for a local endpoint")
         key = "EMPTY"  # local servers without keys; the client refuses an empty key
-    return OpenAI(base_url=cfg.judge_url, api_key=key, max_retries=cfg.retries, timeout=cfg.timeout)
+    return OpenAI(base_url=ep.url, api_key=key, max_retries=ep.retries, timeout=ep.timeout)
 
 
 class MalformedReply(Exception):
@@ -88,10 +104,10 @@ class MalformedReply(Exception):
     openai client hands such bodies back as they are (a str, a list, a model with None fields)."""
 
 
-def _ask(client, cfg: EvalJudgeConfig, message: str) -> tuple[str, dict | None]:
-    kw = {"max_tokens": cfg.max_tokens} if cfg.max_tokens else {}
+def _ask(client, ep: JudgeEndpoint, message: str) -> tuple[str, dict | None]:
+    kw = {"max_tokens": ep.max_tokens} if ep.max_tokens else {}
     try:
-        r = client.chat.completions.create(model=cfg.judge_model, temperature=cfg.temperature,
+        r = client.chat.completions.create(model=ep.model, temperature=ep.temperature,
                                            messages=[{"role": "user", "content": message}], **kw)
     except ValueError as e:  # json.JSONDecodeError: a body announced as JSON that is not
         raise MalformedReply(f"reply is not valid JSON ({e})") from None
@@ -125,34 +141,34 @@ def _backoff(attempt: int) -> float:
     return min(0.5 * 2 ** attempt, 8.0)
 
 
-def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) -> tuple[list, list, dict]:
+def fetch_replies(messages: list[str], ep: JudgeEndpoint, cache: JudgeCache) -> tuple[list, list, dict]:
     """For each message its cache record (cached, or asked now) or None, and its error (after
     retries) or None; and this run's spend."""
     import openai
 
-    keys = [JudgeCache.key(cfg.judge_model, m) for m in messages]
+    keys = [JudgeCache.key(ep.model, m) for m in messages]
     todo = {k: m for k, m in zip(keys, messages) if cache.get(k) is None}  # identical messages: asked once
     spend = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cache_hits": len(set(keys)) - len(todo)}
     errors: dict[str, str] = {}
-    log.info("judge %s: %d messages, %d in the cache (%s), %d to ask", cfg.judge_model, len(set(keys)),
+    log.info("judge %s: %d messages, %d in the cache (%s), %d to ask", ep.model, len(set(keys)),
              spend["cache_hits"], cache.path, len(todo))
     if todo:
-        client = _client(cfg)
+        client = _client(ep)
 
         def work(k: str) -> None:
-            for attempt in range(cfg.retries + 1):
+            for attempt in range(ep.retries + 1):
                 try:
-                    reply, usage = _ask(client, cfg, todo[k])
+                    reply, usage = _ask(client, ep, todo[k])
                     break
                 except MalformedReply:
-                    if attempt == cfg.retries or stop.is_set():
+                    if attempt == ep.retries or stop.is_set():
                         raise
                     stop.wait(_backoff(attempt))
-            cache.put(k, cfg.judge_model, reply, usage)
+            cache.put(k, ep.model, reply, usage)
 
         stop = threading.Event()  # set after too many failures in a row: no new requests
         in_a_row = 0
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, cfg.concurrency), thread_name_prefix="judge")
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, ep.concurrency), thread_name_prefix="judge")
         try:
             futures = {pool.submit(work, k): k for k in todo}
             for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="judge", unit="msg"):
@@ -164,20 +180,20 @@ def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) 
                 try:
                     fut.result()
                 except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                    raise EvalError(f"judge {cfg.judge_model} at {cfg.judge_url or 'the default endpoint'}: {e}") from None
+                    raise EvalError(f"judge {ep.model} at {ep.url or 'the default endpoint'}: {e}") from None
                 except openai.APITimeoutError as e:
-                    err = f"timeout after {cfg.retries} retries: {e}"
+                    err = f"timeout after {ep.retries} retries: {e}"
                 except openai.APIConnectionError as e:
-                    raise EvalError(f"cannot reach the judge at {cfg.judge_url or 'the default endpoint'} "
-                                    f"after {cfg.retries} retries: {e}") from None
+                    raise EvalError(f"cannot reach the judge at {ep.url or 'the default endpoint'} "
+                                    f"after {ep.retries} retries: {e}") from None
                 except openai.APIError as e:
                     err = f"{type(e).__name__}: {e}"
                 except MalformedReply as e:
-                    err = f"malformed reply after {cfg.retries} retries: {e}"
+                    err = f"malformed reply after {ep.retries} retries: {e}"
                 if err is not None:
                     errors[k] = err
                     in_a_row += 1
-                    if cfg.max_consecutive_failures and in_a_row >= cfg.max_consecutive_failures \
+                    if ep.max_consecutive_failures and in_a_row >= ep.max_consecutive_failures \
                             and not stop.is_set():
                         # a dead or hanging judge would otherwise cost (retries + 1) x timeout per item
                         stop.set()
@@ -198,20 +214,22 @@ def fetch_replies(messages: list[str], cfg: EvalJudgeConfig, cache: JudgeCache) 
     return [cache.get(k) for k in keys], [errors.get(k) for k in keys], spend
 
 
-def _llm_scores(answers: list[dict], cfg: EvalJudgeConfig) -> tuple[list[dict], dict]:
-    if not cfg.prompts:
+def llm_scores(answers: list[dict], ep: JudgeEndpoint, prompts: str, cache: str | os.PathLike,
+               out_of_range: str = "reject") -> tuple[list[dict], dict]:
+    """Each answer with its judge score (BELLE's per-class judge prompts from `prompts`), and the spend."""
+    if not prompts:
         raise EvalError("the LLM judge needs --prompts (BELLE's eval_prompt.json); or use --judge reference")
-    prompts = load_judge_prompts(cfg.prompts)
-    messages = [judge_message(prompts[a["class"]], a["question"], a["answer"], a["std_answer"], a["class"])
+    by_class = load_judge_prompts(prompts)
+    messages = [judge_message(by_class[a["class"]], a["question"], a["answer"], a["std_answer"], a["class"])
                 for a in answers]
-    cache = JudgeCache(cache_path(cfg))
-    records, errors, spend = fetch_replies(messages, cfg, cache)
+    cache = JudgeCache(cache)
+    records, errors, spend = fetch_replies(messages, ep, cache)
     scored, table_tokens = [], 0
     for a, rec, err in zip(answers, records, errors):
         if rec is None:
             scored.append({**a, "score": None, "status": "error", "value": None, "reply": None, "error": err})
             continue
-        p = parse_score(rec["reply"], cfg.out_of_range)
+        p = parse_score(rec["reply"], out_of_range)
         scored.append({**a, "score": p.score, "status": p.status, "value": p.value, "reply": rec["reply"],
                        "usage": rec["usage"]})
         table_tokens += sum((rec["usage"] or {}).values())
@@ -220,11 +238,12 @@ def _llm_scores(answers: list[dict], cfg: EvalJudgeConfig) -> tuple[list[dict], 
     return scored, spend
 
 
-def cache_path(cfg: EvalJudgeConfig) -> Path:
-    return Path(cfg.cache) if cfg.cache else Path(cfg.output).parent / "judge_cache.jsonl"
+def cache_path(cache: str | None, output: str | os.PathLike) -> Path:
+    """The judge cache: `cache`, or judge_cache.jsonl beside the scores file."""
+    return Path(cache) if cache else Path(output).parent / "judge_cache.jsonl"
 
 
-def _scores_of(path: str | os.PathLike, answers: str | os.PathLike) -> bool:
+def scores_of(path: str | os.PathLike, answers: str | os.PathLike) -> bool:
     """Whether `path` is a scores file this command wrote for the same answers file: rerunning the
     judge to retry failed items replaces it by design, without --overwrite."""
     try:
@@ -235,44 +254,29 @@ def _scores_of(path: str | os.PathLike, answers: str | os.PathLike) -> bool:
     return meta.get("kind") == "scores" and meta.get("answers") == str(answers)
 
 
-def run_eval_judge(cfg: EvalJudgeConfig) -> int:
-    check_output(cfg.output, overwrite=cfg.overwrite or _scores_of(cfg.output, cfg.data), is_dir=False,
-                 inputs=[cfg.data, cfg.prompts, cache_path(cfg) if cfg.judge == "llm" else None])
-    meta, answers = read_records(cfg.data, "answers")
+def judge_answers(data: str, output: str, method: str, ep: JudgeEndpoint | None,
+                  prompts: str | None = None, cache: str | os.PathLike | None = None,
+                  out_of_range: str = "reject") -> tuple[dict, list[dict], dict | None]:
+    """Score the answers file `data` into the scores file `output` (atomically): method "llm" asks
+    `ep` (replies cached in `cache`), "reference" scores offline (`ep` unused). Returns (answers' meta, scored
+    items, spend or None)."""
+    meta, answers = read_records(data, "answers")
     for a in answers:
         a["class"] = normalize_class(a["class"])
         if a["class"] not in CLASSES:
-            raise EvalError(f"{cfg.data}: item {a.get('id')}: unknown class {a['class']!r}")
-    judge = {"kind": cfg.judge, "comparable_with_llm_judge": cfg.judge == "llm"}
-    if cfg.judge == "reference":
-
+            raise EvalError(f"{data}: item {a.get('id')}: unknown class {a['class']!r}")
+    judge = {"kind": method, "comparable_with_llm_judge": method == "llm"}
+    if method == "reference":
         scored = [{**a, **judge_reference(a)} for a in tqdm(answers, desc="rouge-l", unit="item")]
         judge["method"] = "character-level ROUGE-L F1 against std_answer (rouge-score)"
         spend = None
     else:
-        scored, spend = _llm_scores(answers, cfg)
-        judge.update(model=cfg.judge_model, url=cfg.judge_url, temperature=cfg.temperature,
-                     max_tokens=cfg.max_tokens, out_of_range=cfg.out_of_range, prompts=cfg.prompts,
-                     prompts_sha256=sha256_file(cfg.prompts))
-    out_meta = {**meta, "kind": "scores", "answers": str(cfg.data), "judge": judge, "spend": spend}
+        scored, spend = llm_scores(answers, ep, prompts, cache_path(cache, output), out_of_range)
+        judge.update(model=ep.model, url=ep.url, temperature=ep.temperature,
+                     max_tokens=ep.max_tokens, out_of_range=out_of_range, prompts=prompts,
+                     prompts_sha256=sha256_file(prompts))
+    out_meta = {**meta, "kind": "scores", "answers": str(data), "judge": judge, "spend": spend}
     lines = [json.dumps({"_meta": out_meta}, ensure_ascii=False)]
     lines += [json.dumps(s, ensure_ascii=False) for s in sorted(scored, key=lambda s: s["index"])]
-    atomic_write_text(cfg.output, "\n".join(lines) + "\n")
-
-    counts = {st: sum(s["status"] == st for s in scored) for st in sorted({s["status"] for s in scored})}
-    print(f"judged {len(scored)} answers of {meta.get('model')} -> {cfg.output}: "
-          + ", ".join(f"{n} {st}" for st, n in counts.items()))
-    if spend is not None:
-        print(f"judge calls this run: {spend['calls']} answered, {spend['failed']} failed after retries "
-              f"({spend['cache_hits']} answered from the cache); "
-              f"tokens spent this run: {spend['prompt_tokens']} prompt + {spend['completion_tokens']} completion; "
-              f"all replies in this table: {spend['tokens_of_all_replies']} tokens")
-    if spend is not None and spend["stopped"]:
-        # after the summary and the scores file, so nothing already paid for is lost
-        raise EvalError(f"{spend['stopped']}; {len(scored) - counts.get('error', 0)} of {len(scored)} answers "
-                        f"scored in {cfg.output}; check the judge, then run the same command again to resume "
-                        f"(--max-consecutive-failures {cfg.max_consecutive_failures})")
-    if counts.get("error"):
-        print(f"{counts['error']} item(s) failed after retries; run the same command again to retry only them")
-        return 1
-    return 0
+    atomic_write_text(output, "\n".join(lines) + "\n")
+    return meta, scored, spend

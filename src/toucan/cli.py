@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "demo": (C.DemoConfig, "toucan.demo:run_demo"),
     "verify": (C.VerifyConfig, "toucan.commands.verify:run"),
     "quantize": (C.QuantizeConfig, "toucan.quant:run_quantize"),
-    "ppl": (C.PplConfig, "toucan.ppl:run_ppl"),
+    "ppl": (C.PplConfig, "toucan.commands.ppl:run"),
     "prune": (C.PruneConfig, "toucan.prune:run_prune"),
     "tokenizer extend": (C.TokenizerExtendConfig, "toucan.commands.tokenizer_extend:run"),
     "make-delta": (C.MakeDeltaConfig, "toucan.commands.make_delta:run"),

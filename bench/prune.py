@@ -32,7 +32,8 @@ from toucan.config import PruneConfig, QuantizeConfig  # noqa: E402
 from toucan.manifest import read_manifest  # noqa: E402
 from toucan.modeling import load_model, load_tokenizer  # noqa: E402
 from toucan.ppl import evaluate, load_sequences  # noqa: E402
-from toucan.prune import iter_decoder_weights, measure_sparsity, run_prune  # noqa: E402
+from toucan.commands.prune import run as run_prune  # noqa: E402
+from toucan.prune import iter_decoder_weights, measure_sparsity  # noqa: E402
 from toucan.quant import run_quantize  # noqa: E402
 
 

@@ -114,7 +114,6 @@ KNOWN_UNFINISHED = {
                                 'run_eval_generate: takes cfg'],
     'toucan.gguf_export': ['run_export_gguf: print()', 'run_export_gguf: takes cfg'],
     'toucan.lora': ['apply_lora: takes cfg', 'lora_config: takes cfg', 'run_merge_lora: takes cfg'],
-    'toucan.prune': ['run_prune: print()', 'run_prune: takes cfg', 'validate: takes cfg'],
     'toucan.quant.gptq': [   '_calibration: takes cfg',
                              '_inputs: takes cfg',
                              '_plan: takes cfg',

@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "verify": (C.VerifyConfig, "toucan.commands.verify:run"),
     "quantize": (C.QuantizeConfig, "toucan.quant:run_quantize"),
     "ppl": (C.PplConfig, "toucan.commands.ppl:run"),
-    "prune": (C.PruneConfig, "toucan.prune:run_prune"),
+    "prune": (C.PruneConfig, "toucan.commands.prune:run"),
     "tokenizer extend": (C.TokenizerExtendConfig, "toucan.commands.tokenizer_extend:run"),
     "make-delta": (C.MakeDeltaConfig, "toucan.commands.make_delta:run"),
     "apply-delta": (C.ApplyDeltaConfig, "toucan.commands.apply_delta:run"),

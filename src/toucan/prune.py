@@ -378,17 +378,6 @@ def measure_sparsity(model_dir: str | Path, pattern: str | None = None) -> dict 
 # ----------------------------------------------------------------------------------------------
 # The command
 
-def validate(cfg) -> Target:
-    target = parse_target(cfg.sparsity, cfg.pattern)
-    if cfg.method not in METHODS:
-        raise ConfigError(f"--method {cfg.method!r}: use one of {', '.join(METHODS)}")
-    if cfg.method != "magnitude":
-        check_calibration(cfg.method, cfg.data, cfg.calib_samples, cfg.damp_percent, ConfigError)
-    if cfg.blocksize < 1:
-        raise ConfigError(f"--blocksize {cfg.blocksize}: must be positive")
-    return target
-
-
 def _source_dtype(src: Path):
     """The dtype the source checkpoint declares (saved back in it, so a bf16 model stays bf16)."""
     import torch
@@ -398,43 +387,54 @@ def _source_dtype(src: Path):
     return getattr(torch, name, None) if isinstance(name, str) else None
 
 
-def run_prune(cfg) -> int:
-    """Prune cfg.model into cfg.output (atomically). Returns 0; raises ConfigError/ModelError."""
-    target = validate(cfg)
-    src = check_model_dir(cfg.model)
+def check_method(method: str, blocksize: int, data: str | None, calib_samples: int, damp_percent: float) -> None:
+    """The method's settings, checked before any work (ConfigError names the flag)."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if method != "magnitude":
+        check_calibration(method, data, calib_samples, damp_percent, ConfigError)
+    if blocksize < 1:
+        raise ConfigError(f"--blocksize {blocksize}: must be positive")
+
+
+def prune_dir(model_dir: str, output: str, method: str, target: Target, *, data: str | None = None,
+              calib_samples: int, max_len: int, template: str, seed: int, device: str = "auto",
+              dtype: str = "auto", blocksize: int, damp_percent: float, overwrite: bool = False,
+              trust_remote_code: bool = False, command: str = "prune", config=None) -> dict:
+    """Prune the model in `model_dir` into `output` (atomically, with a `pruning` manifest section,
+    which it returns); `config` is recorded in the manifest. Raises ConfigError/ModelError."""
+    src = check_model_dir(model_dir)
     if is_quantized(src):
-        raise ModelError(f"{cfg.model} is quantized: prune the full-precision model, then quantize it")
-    inputs = [src] + ([cfg.data] if cfg.method != "magnitude" else [])
-    check_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs)  # before the work, not after it
-    tokenizer = load_tokenizer(src, trust_remote_code=cfg.trust_remote_code)
+        raise ModelError(f"{model_dir} is quantized: prune the full-precision model, then quantize it")
+    inputs = [src] + ([data] if method != "magnitude" else [])
+    check_output(output, overwrite=overwrite, inputs=inputs)  # before the work, not after it
+    tokenizer = load_tokenizer(src, trust_remote_code=trust_remote_code)
     seqs = None
-    if cfg.method != "magnitude":  # the same calibration sources and code as `toucan quantize`
-        seqs = calibration_samples(tokenizer, cfg.data, cfg.calib_samples, cfg.max_len, cfg.template, cfg.seed)
-        log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), cfg.data)
-    device = resolve_device(cfg.device)
-    model = load_model(src, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if method != "magnitude":  # the same calibration sources and code as `toucan quantize`
+        seqs = calibration_samples(tokenizer, data, calib_samples, max_len, template, seed)
+        log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), data)
+    device = resolve_device(device)
+    model = load_model(src, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
-    report = prune_model(model, seqs, cfg.method, target, blocksize=cfg.blocksize, damp_percent=cfg.damp_percent)
+    report = prune_model(model, seqs, method, target, blocksize=blocksize, damp_percent=damp_percent)
     seconds = time.perf_counter() - t0
     if not report["layers"]:
-        raise ConfigError(f"{cfg.model}: no layer can be pruned to {target}: "
+        raise ConfigError(f"{model_dir}: no layer can be pruned to {target}: "
                           + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()))
     modules = dict(model.named_modules())
     pruned = sum(int((modules[n].weight == 0).sum()) for n in report["layers"])
     total = sum(modules[n].weight.numel() for n in report["layers"])
-    dtype = _source_dtype(src)
-    if dtype is not None and dtype.is_floating_point:
-        model.to(dtype)  # a bf16 checkpoint stays bf16 (zeros stay zeros in any float dtype)
-    save_model_dir(cfg.output, model, tokenizer, command="prune", config=cfg, inputs=inputs,
-                   overwrite=cfg.overwrite, manifest_extra={"pruning": {
-                       "method": cfg.method, "sparsity": target.sparsity, "pattern": target.pattern,
-                       "measured_sparsity": pruned / total, "layers": report["layers"],
-                       "skipped": report["skipped"],
-                       "blocksize": cfg.blocksize if cfg.method == "sparsegpt" else None,
-                       "damp_percent": cfg.damp_percent if cfg.method == "sparsegpt" else None,
-                       "calibration": None if seqs is None else {"file": str(cfg.data), "samples": len(seqs),
-                                                                 "tokens": sum(map(len, seqs))},
-                       "device": device, "seconds": round(seconds, 2)}})
-    print(f"{cfg.output}: {cfg.method} {target}, {len(report['layers'])} layers pruned to "
-          f"{pruned / total:.2%} zeros, {len(report['skipped'])} skipped, {seconds:.1f} s")
-    return 0
+    src_dtype = _source_dtype(src)
+    if src_dtype is not None and src_dtype.is_floating_point:
+        model.to(src_dtype)  # a bf16 checkpoint stays bf16 (zeros stay zeros in any float dtype)
+    pruning = {"method": method, "sparsity": target.sparsity, "pattern": target.pattern,
+               "measured_sparsity": pruned / total, "layers": report["layers"],
+               "skipped": report["skipped"],
+               "blocksize": blocksize if method == "sparsegpt" else None,
+               "damp_percent": damp_percent if method == "sparsegpt" else None,
+               "calibration": None if seqs is None else {"file": str(data), "samples": len(seqs),
+                                                         "tokens": sum(map(len, seqs))},
+               "device": device, "seconds": round(seconds, 2)}
+    save_model_dir(output, model, tokenizer, command=command, config=config, inputs=inputs,
+                   overwrite=overwrite, manifest_extra={"pruning": pruning})
+    return pruning

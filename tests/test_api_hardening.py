@@ -15,6 +15,7 @@ import pytest
 from conftest import free_port
 from test_api import ENV, start_server
 from test_engine import save_parrot
+from toucan.commands.serve import check_options as check_serve
 from toucan.config import ServeConfig
 from toucan.errors import ConfigError
 
@@ -199,13 +200,11 @@ def test_host_header_must_name_this_server(server):
         assert httpx.get(base + "/v1/models", headers={**AUTH, "Host": host}).status_code == 200, host
     from toucan.serve.api import allowed_hosts
 
-    assert allowed_hosts(ServeConfig(model="m", host="0.0.0.0", api_key=["k"])) is None  # the key guards a LAN bind
-    assert allowed_hosts(ServeConfig(model="m", allowed_hosts=["*"])) is None
+    assert allowed_hosts("0.0.0.0", 8000) is None  # the key guards a LAN bind
+    assert allowed_hosts("127.0.0.1", 8000, ["*"]) is None
 
 
 def test_key_and_bind_rules(tmp_path, monkeypatch):
-    from toucan.serve.api import check_serve
-
     monkeypatch.delenv("TOUCAN_API_KEYS", raising=False)
     with pytest.raises(ConfigError, match="empty key"):
         check_serve(ServeConfig(model="m", api_key=[""], port=free_port()))
@@ -252,8 +251,6 @@ def test_serve_refuses_bad_options_before_loading_the_model(tmp_path, args, says
 
 
 def test_port_in_use_is_refused_before_loading(tmp_path):
-    from toucan.serve.api import check_serve
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from toucan.config import GenerationOptions
+from toucan.sampling import SamplingParams
 from toucan.data import encode_example
 from toucan.engine import Engine, PromptTooLongError, _Row, _Rows
 from toucan.modeling import tiny_llama
@@ -80,21 +80,21 @@ def test_multibyte_stream_has_no_replacement_char_and_stops_at_eos(parrot, tiny_
     ids = tiny_tok(REPLY, add_special_tokens=False)["input_ids"]
     assert any(tiny_tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # really byte-fallback
     prompt = parrot.chat_prompt([], "你好", 32)[0]
-    s = parrot.stream(prompt, GenerationOptions(max_new_tokens=32, **GREEDY))
+    s = parrot.stream(prompt, SamplingParams(max_new_tokens=32, **GREEDY))
     deltas = list(s)
     assert "".join(deltas) == REPLY
     assert len(deltas) >= 4 and all("\ufffd" not in d for d in deltas)
     assert s.completion.finish_reason == "stop"  # EOS
     assert s.completion.completion_tokens == len(ids) + 1  # EOS counted
     assert s.completion.prompt_tokens == len(parrot.encode(prompt))
-    assert parrot.generate(prompt, GenerationOptions(max_new_tokens=32, **GREEDY)).text == REPLY
+    assert parrot.generate(prompt, SamplingParams(max_new_tokens=32, **GREEDY)).text == REPLY
 
 
 @pytest.mark.parametrize("stop", ["很好", "鱼很", "鳕", "。"])
 def test_stop_string_never_returned_or_streamed(parrot, stop):
     # "鱼很" spans a byte-fallback character and a normal token; "。" is the last token.
     prompt = parrot.chat_prompt([], "你好", 32)[0]
-    opts = GenerationOptions(max_new_tokens=32, stop=["不会出现", stop], **GREEDY)
+    opts = SamplingParams(max_new_tokens=32, stop=["不会出现", stop], **GREEDY)
     s = parrot.stream(prompt, opts)
     deltas = list(s)
     want = REPLY[:REPLY.index(stop)]
@@ -106,7 +106,7 @@ def test_stop_string_never_returned_or_streamed(parrot, stop):
 def test_stop_prefix_is_released_when_it_does_not_complete(parrot):
     prompt = parrot.chat_prompt([], "你好", 32)[0]
     # "好吃" starts like "好X": held back one step, then released when "吃" arrives
-    s = parrot.stream(prompt, GenerationOptions(max_new_tokens=32, stop=["好X"], **GREEDY))
+    s = parrot.stream(prompt, SamplingParams(max_new_tokens=32, stop=["好X"], **GREEDY))
     assert "".join(s) == REPLY
 
 
@@ -164,17 +164,17 @@ def test_history_truncated_oldest_first(tiny_tok, rand_engine):
 def test_prompt_too_long_raises_and_new_tokens_clamped_to_context(tiny_tok, rand_engine):
     eng = Engine(rand_engine.model, tiny_tok, max_context=64)
     with pytest.raises(PromptTooLongError):
-        eng.generate("你好" * 100, GenerationOptions(max_new_tokens=4))
+        eng.generate("你好" * 100, SamplingParams(max_new_tokens=4))
     with pytest.raises(PromptTooLongError):
-        eng.stream("你好" * 100, GenerationOptions(max_new_tokens=4))
+        eng.stream("你好" * 100, SamplingParams(max_new_tokens=4))
     short = "你好" * 10
-    c = eng.generate(short, GenerationOptions(max_new_tokens=500, **GREEDY))
+    c = eng.generate(short, SamplingParams(max_new_tokens=500, **GREEDY))
     assert c.prompt_tokens + c.completion_tokens <= 64
 
 
 def test_batch_left_padding_matches_single(parrot):
     prompts = [parrot.chat_prompt([], "你好", 32)[0], "你好", parrot.chat_prompt([("a", "b")], "你好", 32)[0]]
-    opts = GenerationOptions(max_new_tokens=12, **GREEDY)
+    opts = SamplingParams(max_new_tokens=12, **GREEDY)
     batch = parrot.generate_batch(prompts, opts)
     single = [parrot.generate(p, opts) for p in prompts]
     assert [c.text for c in batch] == [c.text for c in single]
@@ -184,7 +184,7 @@ def test_batch_left_padding_matches_single(parrot):
 
 def test_per_row_limits_in_one_batch(parrot):
     p = parrot.chat_prompt([], "你好", 32)[0]
-    out = parrot.run([parrot.encode(p)] * 3, GenerationOptions(**GREEDY), max_new_tokens=[2, 32, 32],
+    out = parrot.run([parrot.encode(p)] * 3, SamplingParams(**GREEDY), max_new_tokens=[2, 32, 32],
                       stop=[[], ["好吃"], []])
     assert out[0].finish_reason == "length" and out[0].completion_tokens == 2
     assert out[1].text == "鳕鱼很" and out[1].finish_reason == "stop"
@@ -192,17 +192,17 @@ def test_per_row_limits_in_one_batch(parrot):
 
 
 def test_sampling_seeded_and_beam_search(rand_engine):
-    opts = GenerationOptions(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    opts = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7)
     a, b = rand_engine.generate("你好", opts), rand_engine.generate("你好", opts)
     assert a.text == b.text and a.completion_tokens == 16
-    c = rand_engine.generate("你好", GenerationOptions(max_new_tokens=16, temperature=1.0, seed=8))
+    c = rand_engine.generate("你好", SamplingParams(max_new_tokens=16, temperature=1.0, seed=8))
     assert c.text != a.text
-    beam = rand_engine.generate("你好", GenerationOptions(max_new_tokens=8, num_beams=3, repetition_penalty=1.0))
+    beam = rand_engine.generate("你好", SamplingParams(max_new_tokens=8, num_beams=3, repetition_penalty=1.0))
     assert beam.completion_tokens <= 8 and beam.finish_reason in ("stop", "length")
 
 
 def test_cancel_stops_generation(rand_engine):
-    s = rand_engine.stream("你好", GenerationOptions(max_new_tokens=400, **GREEDY))
+    s = rand_engine.stream("你好", SamplingParams(max_new_tokens=400, **GREEDY))
     it = iter(s)
     next(it)
     s.cancel()
@@ -210,7 +210,7 @@ def test_cancel_stops_generation(rand_engine):
     assert s.completion.finish_reason == "cancelled"
     assert s.completion.completion_tokens < 50, (len(rest), s.completion)
     # closing the iterator early (a client that went away) also stops it
-    s2 = rand_engine.stream("你好", GenerationOptions(max_new_tokens=400, **GREEDY))
+    s2 = rand_engine.stream("你好", SamplingParams(max_new_tokens=400, **GREEDY))
     it2 = iter(s2)
     next(it2)
     it2.close()
@@ -225,8 +225,8 @@ def test_request_joins_the_running_batch_and_takes_a_freed_slot(rand_engine, tin
     import time
 
     eng = Engine(rand_engine.model, tiny_tok, max_rows=2)
-    long_opts = GenerationOptions(max_new_tokens=300, min_new_tokens=300, **GREEDY)
-    short = GenerationOptions(max_new_tokens=12, min_new_tokens=12, **GREEDY)
+    long_opts = SamplingParams(max_new_tokens=300, min_new_tokens=300, **GREEDY)
+    short = SamplingParams(max_new_tokens=12, min_new_tokens=12, **GREEDY)
     first: dict[str, float] = {}
 
     def consume(name, stream, out):
@@ -255,3 +255,60 @@ def test_request_joins_the_running_batch_and_takes_a_freed_slot(rand_engine, tin
     assert b.completion.text == alone.generate("请写一首诗。", short).text
     assert c.completion.text == alone.generate("第二个问题", short).text
     assert a.completion.text == alone.generate("你好", long_opts).text
+
+
+def test_sampling_params_are_the_one_source_of_defaults():
+    """config's generation flags and serve's request models default from SamplingParams; the
+    greedy rule is one function."""
+    import dataclasses
+
+    from toucan.config import ChatConfig, EvalGenerateConfig, GenerationOptions, ServeConfig
+    from toucan.sampling import OPENAI, is_sampling
+    from toucan.serve.api import CompletionRequest
+
+    assert dataclasses.asdict(GenerationOptions().sampling_params()) == dataclasses.asdict(SamplingParams())
+    assert ChatConfig(model="m").sampling_params(seed=3) == SamplingParams(seed=3)
+    assert EvalGenerateConfig(data="d", output="o").sampling_params() == SamplingParams(do_sample=False)
+    req = CompletionRequest(model="m", prompt="p")
+    assert (req.temperature, req.top_p, req.top_k, req.min_tokens) == \
+        (OPENAI.temperature, OPENAI.top_p, OPENAI.top_k, OPENAI.min_new_tokens)
+    assert ServeConfig(model="m").max_tokens == SamplingParams().max_new_tokens
+    assert ServeConfig(model="m").repetition_penalty == OPENAI.repetition_penalty
+    assert SamplingParams().sampling and is_sampling(GenerationOptions())
+    for greedy in (SamplingParams(temperature=0), SamplingParams(do_sample=False), SamplingParams(num_beams=2)):
+        assert not greedy.sampling
+
+
+def test_model_id_resolves_symlinks(tmp_path, monkeypatch):
+    from toucan.engine import model_id
+
+    (tmp_path / "sft-3").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "sft-3")
+    assert model_id(tmp_path / "latest") == model_id(str(tmp_path / "sft-3") + "/") == "sft-3"
+    monkeypatch.chdir(tmp_path / "sft-3")
+    assert model_id(".") == "sft-3"
+
+
+def test_unknown_context_is_a_stated_default(tiny_tok, caplog):
+    from types import SimpleNamespace
+
+    from toucan.engine import FALLBACK_CONTEXT
+
+    with caplog.at_level("WARNING", logger="toucan.engine"):
+        eng = Engine(SimpleNamespace(config=SimpleNamespace()), tiny_tok)
+    assert eng.max_context == FALLBACK_CONTEXT and f"{FALLBACK_CONTEXT}-token context" in caplog.text
+    assert Engine(SimpleNamespace(config=SimpleNamespace()), tiny_tok, max_context=99).max_context == 99
+
+
+def test_one_context_check_for_every_front_end(tiny_tok):
+    """Engine.encode_fitting: the check the engine, the API and eval share; a prompt far beyond
+    the context is refused from a prefix (its count says 'over')."""
+    eng = Engine(None, tiny_tok, max_context=64)
+    assert eng.encode_fitting("你好") == eng.encode("你好")
+    with pytest.raises(PromptTooLongError, match=r"the prompt is \d+ tokens; this model's context is 64") as e:
+        eng.encode_fitting("你好" * 40)
+    assert not e.value.over and e.value.tokens >= 64 and e.value.context == 64
+    with pytest.raises(PromptTooLongError, match="the prompt is over") as e:
+        eng.encode_fitting("你好" * 10_000)
+    assert e.value.over and e.value.tokens > 63
+    assert eng.fits(63) and not eng.fits(64)

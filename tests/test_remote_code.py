@@ -168,9 +168,10 @@ def test_the_flag_allows_it(planted, inputs, capsys, monkeypatch):
     from toucan.engine import Engine
 
     model, marker = planted
-    for cls in (ChatConfig, ServeConfig):  # run_chat / run_web / run_serve / eval generate load through this
+    for cls in (ChatConfig, ServeConfig):  # chat / web / serve / eval generate load through this
         marker.unlink(missing_ok=True)
-        Engine.from_config(cls(model=str(model), device="cpu", trust_remote_code=True))
+        cfg = cls(model=str(model), device="cpu", trust_remote_code=True)
+        Engine.from_dir(cfg.model, **cfg.engine_options())
         assert marker.exists()
         sys.modules.pop(next((k for k in sys.modules if k.endswith(".modeling_evil")), ""), None)
     for command in ("ppl", "quantize", "train"):

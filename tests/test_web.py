@@ -12,6 +12,7 @@ from test_engine import REPLY, train_parrot
 from toucan.config import WebConfig
 from toucan.engine import Engine
 from toucan.errors import ConfigError
+from toucan.sampling import SamplingParams
 from toucan.serve.web import check_bind
 
 CHROMIUM = "/usr/bin/chromium"
@@ -19,16 +20,17 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
 def test_non_loopback_needs_auth_or_insecure(tmp_path):
-    assert check_bind(WebConfig(model="m")) is None  # 127.0.0.1 by default
+    default = WebConfig(model="m")
+    assert check_bind(default.host, default.auth, default.insecure) is None  # 127.0.0.1 by default
     with pytest.raises(ConfigError, match="--auth"):
-        check_bind(WebConfig(model="m", host="0.0.0.0"))
-    assert check_bind(WebConfig(model="m", host="0.0.0.0", auth="ann:pw")) == [("ann", "pw")]
+        check_bind("0.0.0.0", None, False)
+    assert check_bind("0.0.0.0", "ann:pw", False) == [("ann", "pw")]
     f = tmp_path / "users"
     f.write_text("# users\nann:pw\n\nbob:s3:cret\n")
-    assert check_bind(WebConfig(model="m", host="0.0.0.0", auth=str(f))) == [("ann", "pw"), ("bob", "s3:cret")]
-    assert check_bind(WebConfig(model="m", host="0.0.0.0", insecure=True)) is None
+    assert check_bind("0.0.0.0", str(f), False) == [("ann", "pw"), ("bob", "s3:cret")]
+    assert check_bind("0.0.0.0", None, True) is None
     with pytest.raises(ConfigError, match="user:pass"):
-        check_bind(WebConfig(model="m", host="0.0.0.0", auth="nopass"))
+        check_bind("0.0.0.0", "nopass", False)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def page_url(tiny_tok):
     from toucan.serve.web import build_app
 
     # greedy through the page's own do_sample checkbox default, as a user would set it
-    app = build_app(engine, WebConfig(model="runs/parrot", do_sample=False, repetition_penalty=1.0))
+    app = build_app(engine, SamplingParams(do_sample=False, repetition_penalty=1.0), model_name="parrot")
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, quiet=True)
     yield f"http://127.0.0.1:{port}/"

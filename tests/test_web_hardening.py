@@ -27,8 +27,9 @@ def serve_page(engine, auth=None, **cfg):
     from toucan.serve.web import build_app, launch
 
     cfg = WebConfig(model="runs/parrot", port=free_port(), do_sample=False, repetition_penalty=1.0, **cfg)
-    app = build_app(engine, cfg)
-    launch(app, cfg, auth, prevent_thread_lock=True, quiet=True)
+    app = build_app(engine, cfg.sampling_params(), model_name="parrot", concurrency=cfg.concurrency)
+    launch(app, host=cfg.host, port=cfg.port, auth=auth, login_attempts=cfg.login_attempts,
+           login_lockout=cfg.login_lockout, prevent_thread_lock=True, quiet=True)
     return app, f"http://127.0.0.1:{cfg.port}"
 
 
@@ -75,14 +76,14 @@ def test_passwords_from_the_environment_and_no_empty_auth(tmp_path, monkeypatch)
 
     monkeypatch.delenv("TOUCAN_WEB_AUTH", raising=False)
     with pytest.raises(ConfigError, match="empty value"):
-        check_bind(WebConfig(model="m", auth=""))
+        check_bind("127.0.0.1", "", False)
     empty = tmp_path / "users"
     empty.write_text("# nobody\n")
     with pytest.raises(ConfigError, match="no user:pass"):
-        check_bind(WebConfig(model="m", host="0.0.0.0", auth=str(empty)))
+        check_bind("0.0.0.0", str(empty), False)
     monkeypatch.setenv("TOUCAN_WEB_AUTH", "ann:pw\nbob:s3:cret\n")
-    assert check_bind(WebConfig(model="m", host="0.0.0.0")) == [("ann", "pw"), ("bob", "s3:cret")]
-    assert check_bind(WebConfig(model="m", auth="cy:pw2")) == [("cy", "pw2")]  # --auth wins
+    assert check_bind("0.0.0.0", None, False) == [("ann", "pw"), ("bob", "s3:cret")]
+    assert check_bind("127.0.0.1", "cy:pw2", False) == [("cy", "pw2")]  # --auth wins
     monkeypatch.setenv("TOUCAN_WEB_AUTH", "")
     with pytest.raises(ConfigError, match="TOUCAN_WEB_AUTH"):
-        check_bind(WebConfig(model="m"))
+        check_bind("127.0.0.1", None, False)

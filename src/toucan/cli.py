@@ -26,9 +26,9 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "data": (C.DataConfig, "toucan.commands.data:run"),
     "train": (C.TrainConfig, "toucan.train:run_train"),
     "merge-lora": (C.MergeLoraConfig, "toucan.lora:run_merge_lora"),
-    "chat": (C.ChatConfig, "toucan.serve.chat:run_chat"),
-    "web": (C.WebConfig, "toucan.serve.web:run_web"),
-    "serve": (C.ServeConfig, "toucan.serve.api:run_serve"),
+    "chat": (C.ChatConfig, "toucan.commands.chat:run"),
+    "web": (C.WebConfig, "toucan.commands.web:run"),
+    "serve": (C.ServeConfig, "toucan.commands.serve:run"),
     "demo": (C.DemoConfig, "toucan.demo:run_demo"),
     "verify": (C.VerifyConfig, "toucan.commands.verify:run"),
     "quantize": (C.QuantizeConfig, "toucan.quant:run_quantize"),
@@ -38,10 +38,10 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "make-delta": (C.MakeDeltaConfig, "toucan.commands.make_delta:run"),
     "apply-delta": (C.ApplyDeltaConfig, "toucan.commands.apply_delta:run"),
     "check-delta": (C.CheckDeltaConfig, "toucan.commands.check_delta:run"),
-    "eval generate": (C.EvalGenerateConfig, "toucan.eval.generate:run_eval_generate"),
+    "eval generate": (C.EvalGenerateConfig, "toucan.commands.eval_generate:run"),
     "eval judge": (C.EvalJudgeConfig, "toucan.commands.eval_judge:run"),
     "eval report": (C.EvalReportConfig, "toucan.commands.eval_report:run"),
-    "export gguf": (C.ExportGgufConfig, "toucan.gguf_export:run_export_gguf"),
+    "export gguf": (C.ExportGgufConfig, "toucan.commands.export_gguf:run"),
 }
 
 # Commands whose unknown --flags are collected into the config's `extra_args` (HF Trainer flags).

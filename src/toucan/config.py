@@ -1,5 +1,6 @@
 """Every command's options and their defaults: the one place command defaults live (those the
-library shares, like MAX_LEN and SEED, come from toucan.defaults).
+library shares, like MAX_LEN and SEED, come from toucan.defaults; the generation settings from
+toucan.sampling).
 
 Each command is a function taking one of these dataclasses (see COMMANDS in toucan.cli); the CLI
 is generated from the fields: `--field-name` is the spelling help shows, `--field_name` and any
@@ -18,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .defaults import MAX_LEN, SEED
+from .defaults import GGUF_TYPES, MAX_LEN, SEED
 from .prompts import DEFAULT_TEMPLATE, TEMPLATES
+from .sampling import FIELDS as SAMPLING_FIELDS, OPENAI, SamplingParams
 
 
 def opt(default: Any = None, help: str = "", *aliases: str, positional: bool = False,
@@ -42,22 +44,28 @@ BASE_HELP = ("base model directory for a LoRA adapter given as --model "
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation settings shared by chat, web, serve and eval. The original demo's sliders were
-# temperature 0.5, top-p 0.75, top-k 40, beams 4, repetition penalty 1.2, 512 new tokens; beams=4
-# made the sampling sliders do nothing, so sampling with one beam is our default.
+# Generation settings shared by chat, web and eval: the engine's SamplingParams as flags, with its
+# defaults (toucan.sampling says why they are what they are).
+
+_SAMPLING = SamplingParams()
+
 
 @dataclass
 class GenerationOptions:
-    max_new_tokens: int = opt(512, "most tokens to generate per reply", "--max-tokens")
-    temperature: float = opt(0.5, "sampling temperature (0 = greedy)")
-    top_p: float = opt(0.75, "nucleus sampling: keep the smallest token set with this much probability")
-    top_k: int = opt(40, "sample among the k most likely tokens (0 = no limit)")
-    repetition_penalty: float = opt(1.2, "penalise tokens already generated (1.0 = off)")
-    num_beams: int = opt(1, "beam search width (>1 disables sampling and streaming token by token)")
-    do_sample: bool = opt(True, "sample (True) or decode greedily (False)")
-    seed: Optional[int] = opt(None, "random seed for sampling (None = nondeterministic)")
-    stop: list[str] = opt([], "stop strings: generation ends before any of them (not printed)")
-    min_new_tokens: int = opt(0, "generate at least this many tokens (EOS is suppressed until then)")
+    max_new_tokens: int = opt(_SAMPLING.max_new_tokens, "most tokens to generate per reply", "--max-tokens")
+    temperature: float = opt(_SAMPLING.temperature, "sampling temperature (0 = greedy)")
+    top_p: float = opt(_SAMPLING.top_p, "nucleus sampling: keep the smallest token set with this much probability")
+    top_k: int = opt(_SAMPLING.top_k, "sample among the k most likely tokens (0 = no limit)")
+    repetition_penalty: float = opt(_SAMPLING.repetition_penalty, "penalise tokens already generated (1.0 = off)")
+    num_beams: int = opt(_SAMPLING.num_beams, "beam search width (>1 disables sampling and streaming token by token)")
+    do_sample: bool = opt(_SAMPLING.do_sample, "sample (True) or decode greedily (False)")
+    seed: Optional[int] = opt(_SAMPLING.seed, "random seed for sampling (None = nondeterministic)")
+    stop: list[str] = opt(_SAMPLING.stop, "stop strings: generation ends before any of them (not printed)")
+    min_new_tokens: int = opt(_SAMPLING.min_new_tokens, "generate at least this many tokens (EOS is suppressed until then)")
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """These options as the engine's SamplingParams (chat, web's defaults, eval generate)."""
+        return SamplingParams(**{**{k: getattr(self, k) for k in SAMPLING_FIELDS}, **overrides})
 
 
 @dataclass
@@ -70,6 +78,12 @@ class ModelOptions:
     threads: int = opt(0, "CPU threads for generation (0 = llama.cpp: the physical cores; transformers: torch's default)")
     n_ctx: int = opt(0, "context length in tokens (0 = the model's: config.json max_position_embeddings, "
                         "or the .gguf's context length); longer conversations drop their oldest turns")
+
+    def engine_options(self) -> dict:
+        """Engine.from_dir's keyword arguments for these options and the command's --base:
+        Engine.from_dir(cfg.model, **cfg.engine_options()) (chat, web, serve, eval generate)."""
+        return dict(device=self.device, dtype=self.dtype, template=self.template, max_context=self.n_ctx or None,
+                    threads=self.threads, trust_remote_code=self.trust_remote_code, base=getattr(self, "base", None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +226,9 @@ class ServeConfig(ModelOptions):
     max_request_bytes: int = opt(1 << 20, "largest request body; bigger ones get 413 before they are read")
     max_tokens_limit: int = opt(0, "most tokens one request may generate (a larger max_tokens is lowered; 0 = no limit)")
     model_name: Optional[str] = opt(None, "model id reported by /v1/models (default: the directory name)")
-    max_tokens: int = opt(512, "default max_tokens when a request gives none")
-    repetition_penalty: float = opt(1.0, "default repetition penalty (a request may send repetition_penalty)")
+    max_tokens: int = opt(_SAMPLING.max_new_tokens, "default max_tokens when a request gives none")
+    repetition_penalty: float = opt(OPENAI.repetition_penalty,
+                                    "default repetition penalty (a request may send repetition_penalty)")
     max_batch_size: int = opt(16, "most requests decoded together (continuous: rows in the running batch)")
     batching: str = opt("continuous", "continuous: a request joins the running batch at its next decode step and "
                                       "leaves when done; static: waiting requests form a batch that runs to its end "
@@ -257,7 +272,7 @@ class EvalGenerateConfig(GenerationOptions, ModelOptions):
     """Answer every eval-set question with a local model (batched) or an OpenAI-compatible server
     (--api-url, concurrent requests); resumable."""
 
-    # Exactly one of --model (a local model) or --api-url (a server) is given: checked in run_eval_generate.
+    # Exactly one of --model (a local model) or --api-url (a server) is given: checked in commands/eval_generate.py.
     model: Optional[str] = opt(None, "model directory (full precision or 4-bit), a LoRA adapter directory, or a .gguf file "
                                      "(runs on llama.cpp); not with --api-url")
     api_url: Optional[str] = opt(None, "evaluate an OpenAI-compatible server instead (toucan serve, vLLM, llama.cpp, a "
@@ -483,7 +498,6 @@ class PruneConfig:
 # ----------------------------------------------------------------------------------------------
 # toucan export gguf  (llama.cpp; see toucan/gguf_export.py)
 
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 
 
 @dataclass

@@ -24,11 +24,10 @@ from pathlib import Path
 
 from .config import (ApplyDeltaConfig, DemoConfig, EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig,
                      GenerationOptions, MakeDeltaConfig, QuantizeConfig, TrainConfig)
-from .commands import apply_delta, eval_judge, eval_report, make_delta
+from .commands import apply_delta, eval_generate, eval_judge, eval_report, make_delta
 from .demo_tasks import GENERATOR_VERSION, generate
 from .engine import Engine
 from .errors import OutputError
-from .eval.generate import run_eval_generate
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from .gguf_export import export_gguf
 from .modeling import load_tokenizer, save_model_dir, tiny_llama
@@ -229,7 +228,7 @@ def evaluate(cfg: DemoConfig, models: dict[str, Path], held_file: Path, out: Pat
     for name, model in models.items():
         answers = d / f"answers-{name}.jsonl"
         answers.unlink(missing_ok=True)  # the model may have been retrained: never resume stale answers
-        run_eval_generate(EvalGenerateConfig(
+        eval_generate.run(EvalGenerateConfig(
             model=str(model), data=str(eval_set), output=str(answers), model_name=f"demo-{name}",
             template=cfg.template, device="cpu", batch_size=64, max_new_tokens=32, do_sample=False,
             temperature=0.0, repetition_penalty=1.0, overwrite=True))

@@ -1,7 +1,7 @@
 """The one generation engine: chat, web, serve and eval all generate through `Engine`.
 
     eng = Engine.from_dir("runs/demo/sft")                      # full precision or 4-bit GPTQ
-    eng.generate(prompt, GenerationOptions(...)) -> Completion(text, prompt_tokens, completion_tokens, finish_reason)
+    eng.generate(prompt, SamplingParams(...))    -> Completion(text, prompt_tokens, completion_tokens, finish_reason)
     eng.generate_batch([p1, p2], opts)           -> [Completion, ...]   (left-padded batch)
     for delta in eng.stream(prompt, opts): ...   -> text deltas; .completion afterwards, .cancel() to stop
     prompt, kept = eng.chat_prompt(history, question, max_new_tokens)  # oldest turns dropped to fit
@@ -41,29 +41,41 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from . import llamacpp
-from .config import GenerationOptions
 from .data import encode_prompt, with_bos
 from .errors import ConfigError
 from .modeling import load_model, load_tokenizer
 from .prompts import (DEFAULT_TEMPLATE, Template, Turn, build_prompt, get_template, messages_to_turns,
                       render_turn)
+from .sampling import SamplingParams, is_sampling
 
 log = logging.getLogger(__name__)
 
 
+# The context assumed for a model whose config.json gives no max_position_embeddings (and no
+# --n-ctx was given): LLaMA-1/2's length, said in a warning rather than assumed silently.
+FALLBACK_CONTEXT = 2048
+
+
 class PromptTooLongError(ConfigError):
-    """The prompt alone does not fit the model's context (the API answers 400)."""
+    """The prompt alone does not fit the model's context (the API answers 400). `tokens` is the
+    prompt's length, or with `over` some count above the limit (a huge prompt is measured only
+    from a prefix: Engine.count_over)."""
+
+    def __init__(self, tokens: int, context: int, over: bool = False):
+        self.tokens, self.context, self.over = tokens, context, over
+        super().__init__(f"the prompt is {'over ' if over else ''}{tokens} tokens; this model's context is "
+                         f"{context} (and at least one token must be generated)")
 
 
-def options_from(cfg, **overrides) -> GenerationOptions:
-    """The GenerationOptions fields of a command's config (ChatConfig, WebConfig...), overridden."""
-    names = {f.name for f in dataclasses.fields(GenerationOptions)}
-    vals = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
-    vals.update(overrides)
-    return GenerationOptions(**vals)
+def model_id(path) -> str:
+    """The name a model goes by (serve's /v1/models id, web's page, eval's answers file): the
+    name of its directory or .gguf file, symlinks resolved (runs/latest -> runs/sft-3 is sft-3,
+    and "." is the folder's own name)."""
+    return Path(path).resolve().name
 
 
 @dataclass
@@ -190,13 +202,12 @@ class Stream:
     """Iterate for text deltas (generation runs in a worker thread). After the iteration,
     `.completion` holds the Completion. `.cancel()` (or closing the iterator early) stops it."""
 
-    def __init__(self, engine: "Engine", prompt: str, opts: GenerationOptions):
+    def __init__(self, engine: "Engine", prompt: str, opts: SamplingParams):
         self._q: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
         self.completion: Completion | None = None
         self._error: BaseException | None = None
-        ids = engine.encode(prompt)
-        engine.check_fits(len(ids))  # raise here, in the caller's thread
+        ids = engine.encode_fitting(prompt)  # raise here, in the caller's thread
 
         def work():
             try:
@@ -227,7 +238,7 @@ class _Req:
     """One request in the continuous batch: its prompt ids, its _Row (text, limits, cancel), its
     own sampling (transformers' warpers, a torch.Generator when seeded) and where the result goes."""
 
-    def __init__(self, ids: list[int], row: _Row, opts: GenerationOptions, tracker: "_Rows",
+    def __init__(self, ids: list[int], row: _Row, opts: SamplingParams, tracker: "_Rows",
                  on_done: Callable[[object], None], device):
         import torch
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -235,7 +246,7 @@ class _Req:
         self.ids, self.row, self.opts, self.tracker, self.on_done = ids, row, opts, tracker, on_done
         self.penalty = float(opts.repetition_penalty or 1.0)
         self.min_new = min(opts.min_new_tokens, row.max_new_tokens)
-        self.sample = opts.do_sample and opts.temperature > 0
+        self.sample = is_sampling(opts)  # continuous rows have one beam (Engine.run)
         self.warpers = LogitsProcessorList()
         if self.sample:  # the warpers transformers' generate adds, in its order, under the same conditions
             if opts.temperature != 1.0:
@@ -468,7 +479,11 @@ class Engine:
                  prefill_tokens: int = 128):
         self.model, self.tokenizer = model, tokenizer
         self.template = get_template(template)
-        self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_context = max_context or getattr(model.config, "max_position_embeddings", None)
+        if not self.max_context:
+            log.warning("the model's config gives no max_position_embeddings: assuming a %d-token context "
+                        "(give --n-ctx / max_context to set it)", FALLBACK_CONTEXT)
+            self.max_context = FALLBACK_CONTEXT
         # One forward pass at a time on a model: forward passes are not re-entrant-safe with a
         # shared KV-cache layout, and a seeded static generation needs the global RNG to itself.
         # Concurrency comes from batching: continuous (the scheduler holds the lock per step, so
@@ -488,7 +503,7 @@ class Engine:
                 self._scheduler = _Scheduler(self, self.max_rows)
             return self._scheduler
 
-    def submit(self, ids: list[int], opts: GenerationOptions, on_done: Callable[[object], None],
+    def submit(self, ids: list[int], opts: SamplingParams, on_done: Callable[[object], None],
                on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> None:
         """Queue one request on the continuous batch and return at once: on_text gets its deltas and
         on_done its Completion (or the exception), both from the scheduler's thread."""
@@ -515,14 +530,6 @@ class Engine:
         return cls(load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, base=base),
                    load_tokenizer(path, trust_remote_code=trust_remote_code, base=base), template, max_context)
 
-    @classmethod
-    def from_config(cls, cfg) -> "Engine":
-        """The engine a command's config (ModelOptions + model) asks for: --model, --device, --dtype,
-        --template, --threads, --n-ctx, --trust-remote-code, --base (for a LoRA adapter)."""
-        return cls.from_dir(cfg.model, device=cfg.device, dtype=cfg.dtype, template=cfg.template,
-                            max_context=cfg.n_ctx or None, threads=cfg.threads,
-                            trust_remote_code=cfg.trust_remote_code, base=cfg.base)
-
     # -- prompts --------------------------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
@@ -547,10 +554,23 @@ class Engine:
             return n
         return len(self.encode(prompt))
 
+    def fits(self, n_prompt_tokens: int) -> bool:
+        """Whether a prompt of this many tokens leaves room for at least one generated token."""
+        return n_prompt_tokens < self.max_context
+
     def check_fits(self, n_prompt_tokens: int) -> None:
-        if n_prompt_tokens >= self.max_context:
-            raise PromptTooLongError(f"the prompt is {n_prompt_tokens} tokens; this model's context is "
-                                     f"{self.max_context} (and at least one token must be generated)")
+        if not self.fits(n_prompt_tokens):
+            raise PromptTooLongError(n_prompt_tokens, self.max_context)
+
+    def encode_fitting(self, prompt: str) -> list[int]:
+        """encode(prompt), or PromptTooLongError when it leaves no room to generate; a prompt far
+        longer than the context is refused from a prefix (count_over), never tokenized whole."""
+        over = self.count_over(prompt, self.max_context - 1)
+        if over is not None:
+            raise PromptTooLongError(over, self.max_context, over=True)
+        ids = self.encode(prompt)
+        self.check_fits(len(ids))
+        return ids
 
     def chat_prompt(self, history: Sequence[Turn], instruction: str, max_new_tokens: int,
                     system: str | None = None, input: str = "") -> tuple[str, list[Turn]]:
@@ -600,17 +620,14 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------------
 
-    def generate(self, prompt: str, opts: GenerationOptions | None = None) -> Completion:
+    def generate(self, prompt: str, opts: SamplingParams | None = None) -> Completion:
         return self.generate_batch([prompt], opts)[0]
 
-    def generate_batch(self, prompts: Sequence[str], opts: GenerationOptions | None = None) -> list[Completion]:
-        ids = [self.encode(p) for p in prompts]
-        for x in ids:
-            self.check_fits(len(x))
-        return self.run(ids, opts or GenerationOptions())
+    def generate_batch(self, prompts: Sequence[str], opts: SamplingParams | None = None) -> list[Completion]:
+        return self.run([self.encode_fitting(p) for p in prompts], opts or SamplingParams())
 
-    def stream(self, prompt: str, opts: GenerationOptions | None = None) -> Stream:
-        return Stream(self, prompt, opts or GenerationOptions())
+    def stream(self, prompt: str, opts: SamplingParams | None = None) -> Stream:
+        return Stream(self, prompt, opts or SamplingParams())
 
     def _rows(self, ids, opts, on_text, cancel, max_new_tokens, stop) -> list[_Row]:
         assert len(ids) > 0
@@ -622,12 +639,12 @@ class Engine:
                              on_text=on_text[i] if on_text else None, cancel=cancel[i] if cancel else None))
         return rows
 
-    def generation_config(self, opts: GenerationOptions, max_new_tokens: int):
+    def generation_config(self, opts: SamplingParams, max_new_tokens: int):
         from transformers import GenerationConfig
 
         tok = self.tokenizer
         beams = max(1, opts.num_beams)
-        sample = opts.do_sample and opts.temperature > 0 and beams == 1
+        sample = is_sampling(opts)
         kw = dict(max_new_tokens=max_new_tokens, num_beams=beams, do_sample=sample,
                   min_new_tokens=min(opts.min_new_tokens, max_new_tokens) or None,
                   repetition_penalty=opts.repetition_penalty, eos_token_id=tok.eos_token_id,
@@ -638,7 +655,7 @@ class Engine:
             kw.update(temperature=None, top_p=None, top_k=None)
         return GenerationConfig(**kw)
 
-    def run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
+    def run(self, ids: list[list[int]], opts: SamplingParams, on_text: list | None = None,
              cancel: list | None = None, max_new_tokens: list[int] | None = None,
              stop: list[Sequence[str]] | None = None) -> list[Completion]:
         """Generate for a batch of prompts and wait for all. Per-row max_new_tokens / stop /
@@ -669,7 +686,7 @@ class Engine:
                 raise r
         return results
 
-    def _run_static(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
+    def _run_static(self, ids: list[list[int]], opts: SamplingParams, on_text: list | None = None,
                     cancel: list | None = None, max_new_tokens: list[int] | None = None,
                     stop: list[Sequence[str]] | None = None) -> list[Completion]:
         """Today's static batching: one left-padded transformers generate call for the batch."""
@@ -742,7 +759,7 @@ class LlamaCppEngine(Engine):
         text = (" " + prompt) if self.space_prefix else prompt
         return with_bos(self.bos, self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def run(self, ids: list[list[int]], opts: GenerationOptions, on_text: list | None = None,
+    def run(self, ids: list[list[int]], opts: SamplingParams, on_text: list | None = None,
             cancel: list | None = None, max_new_tokens: list[int] | None = None,
             stop: list[Sequence[str]] | None = None) -> list[Completion]:
         llamacpp.check_options(opts)
@@ -753,7 +770,7 @@ class LlamaCppEngine(Engine):
                 self._decode(x, row, opts, tracker)
         return [Completion(r.text, len(x), r.n_tokens, r.finish_reason) for r, x in zip(rows, ids)]
 
-    def _decode(self, x: list[int], row: _Row, opts: GenerationOptions, tracker: _TextRows) -> None:
+    def _decode(self, x: list[int], row: _Row, opts: SamplingParams, tracker: _TextRows) -> None:
         llama_cpp = llamacpp.import_llama_cpp()
         llm = self.llm
         chain = llamacpp.sampler(llm, opts)

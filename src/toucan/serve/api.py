@@ -47,14 +47,15 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.requests import Request  # at module level: FastAPI resolves the handlers' annotations here
 
-from ..config import GenerationOptions, ServeConfig
-from ..engine import Completion, Engine
+from ..engine import Completion, Engine, PromptTooLongError
 from ..errors import ConfigError
+from ..sampling import OPENAI, SamplingParams, is_sampling
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,11 @@ class _Common(BaseModel):
     model: Text
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_temperature)] = 1.0
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    min_tokens: int = Field(0, ge=0)
+    # a field left out gets OpenAI's default (toucan.sampling.OPENAI)
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_temperature)] = OPENAI.temperature
+    top_p: float = Field(OPENAI.top_p, gt=0.0, le=1.0)
+    top_k: int = Field(OPENAI.top_k, ge=0)
+    min_tokens: int = Field(OPENAI.min_new_tokens, ge=0)
     # beyond these the penalised logits overflow float32 (1e-40 gives inf/nan probabilities)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100.0)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
@@ -166,14 +168,14 @@ def error_body(message: str, type: str = "invalid_request_error", code: str | No
 class Job:
     """One request: its token ids and options; results go back to its asyncio queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, ids: list[int], opts: GenerationOptions):
+    def __init__(self, loop: asyncio.AbstractEventLoop, ids: list[int], opts: SamplingParams):
         self.loop, self.ids, self.opts = loop, ids, opts
         self.out: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
 
     def key(self):
         o = self.opts
-        sample = o.do_sample and o.temperature > 0
+        sample = is_sampling(o)
         return (sample, o.repetition_penalty, o.min_new_tokens) + ((o.temperature, o.top_p, o.top_k) if sample else ())
 
     def put(self, item) -> None:  # called from the worker thread
@@ -325,7 +327,7 @@ async def _result(job: Job, receive) -> Completion | Exception | None:
         job.cancel.set()  # no-op when done; stops the row if the client left or this task was cancelled
 
 
-async def _respond(batcher: Batcher, model_id: str, ids: list[int], opts: GenerationOptions, kind: str,
+async def _respond(batcher: Batcher, model_id: str, ids: list[int], opts: SamplingParams, kind: str,
                    stream: bool, include_usage: bool, receive):
     """Queue one request on the batcher and answer it: a JSON body, or SSE chunks as tokens come."""
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -378,29 +380,44 @@ async def _respond(batcher: Batcher, model_id: str, ids: list[int], opts: Genera
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _options(req: _Common, model_id: str, cfg: ServeConfig) -> GenerationOptions:
-    if req.model != model_id:
-        raise APIError(404, f"The model '{req.model}' does not exist (this server has '{model_id}').",
+@dataclass
+class ServeSettings:
+    """What create_app needs besides the engine (toucan serve builds it from its options)."""
+
+    model_id: str                   # the one model /v1/models lists; requests must name it
+    max_tokens: int                 # a request's max_tokens when it gives none
+    repetition_penalty: float       # a request's repetition_penalty when it gives none
+    max_tokens_limit: int           # most tokens one request may generate (0 = no limit)
+    max_batch_size: int             # most requests decoded together
+    batch_wait_s: float             # static batching: how long to wait for more requests
+    max_request_bytes: int          # larger bodies get 413 before they are read
+    allowed_hosts: Optional[frozenset[str]]  # Host header values answered, None: any (allowed_hosts())
+
+
+def _options(req: _Common, settings: ServeSettings) -> SamplingParams:
+    if req.model != settings.model_id:
+        raise APIError(404, f"The model '{req.model}' does not exist (this server has '{settings.model_id}').",
                        code="model_not_found", param="model")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4:
         raise APIError(400, "stop: at most 4 sequences", param="stop")
-    max_new = req.max_completion_tokens or req.max_tokens or cfg.max_tokens
-    return GenerationOptions(
-        max_new_tokens=min(max_new, cfg.max_tokens_limit) if cfg.max_tokens_limit > 0 else max_new,
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, do_sample=req.temperature > 0,
-        repetition_penalty=req.repetition_penalty or cfg.repetition_penalty, num_beams=1,
+    max_new = req.max_completion_tokens or req.max_tokens or settings.max_tokens
+    limit = settings.max_tokens_limit
+    # temperature 0 is greedy by the one rule (sampling.is_sampling), as OpenAI has it
+    return SamplingParams(
+        max_new_tokens=min(max_new, limit) if limit > 0 else max_new,
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, do_sample=True,
+        repetition_penalty=req.repetition_penalty or settings.repetition_penalty, num_beams=1,
         seed=req.seed, stop=stop, min_new_tokens=req.min_tokens)
 
 
 def _encode(engine: Engine, prompt: str) -> list[int]:
-    over = engine.count_over(prompt, engine.max_context - 1)  # a huge prompt is refused from a prefix
-    ids = engine.encode(prompt) if over is None else []
-    if over is not None or len(ids) >= engine.max_context:
-        raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens. However, "
-                            f"your prompt is {f'over {over}' if over else len(ids)} tokens.",
-                       code="context_length_exceeded", param="messages")
-    return ids
+    try:
+        return engine.encode_fitting(prompt)
+    except PromptTooLongError as e:  # the engine's check, in OpenAI's words
+        raise APIError(400, f"This model's maximum context length is {e.context} tokens. However, "
+                            f"your prompt is {'over ' if e.over else ''}{e.tokens} tokens.",
+                       code="context_length_exceeded", param="messages") from None
 
 
 def _chat_ids(engine: Engine, req: ChatRequest, max_new_tokens: int) -> list[int]:
@@ -527,14 +544,14 @@ def _install_guards(app, keys: list[bytes], hosts: frozenset[str] | None, max_bo
         return _error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
 
 
-def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
+def create_app(engine: Engine, settings: ServeSettings, api_keys: list[str] = ()):
     from fastapi import FastAPI
 
-    model_id = cfg.model_name or os.path.basename(os.path.normpath(cfg.model))
-    batcher = Batcher(engine, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
+    model_id = settings.model_id
+    batcher = Batcher(engine, settings.max_batch_size, settings.batch_wait_s)
     app = FastAPI(title="toucan serve", version="1")
     app.state.batcher = batcher
-    _install_guards(app, [k.encode() for k in api_keys if k], allowed_hosts(cfg), cfg.max_request_bytes)
+    _install_guards(app, [k.encode() for k in api_keys if k], settings.allowed_hosts, settings.max_request_bytes)
 
     @app.get("/v1/models")
     async def models():
@@ -555,13 +572,13 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        opts = _options(req, model_id, cfg)
+        opts = _options(req, settings)
         ids = await off_loop(_chat_ids, engine, req, opts.max_new_tokens)
         return await _respond(batcher, model_id, ids, opts, "chat", req.stream, _include_usage(req), request.receive)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        opts = _options(req, model_id, cfg)
+        opts = _options(req, settings)
         prompt = req.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -574,7 +591,7 @@ def create_app(engine: Engine, cfg: ServeConfig, api_keys: list[str] = ()):
     return app
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
@@ -583,18 +600,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def allowed_hosts(cfg: ServeConfig) -> frozenset[str] | None:
-    """The Host header values the API answers, or None for any. On a loopback bind: localhost,
-    127.0.0.1 and [::1] (bare or with the port) and --allowed-hosts; on another bind only when
-    --allowed-hosts names some (the key is then the guard: the server cannot know its LAN names)."""
-    extra = [h.strip().lower() for h in cfg.allowed_hosts if h.strip()]
-    if "*" in extra or (not _is_loopback(cfg.host) and not extra):
+def allowed_hosts(host: str, port: int, extra: list[str] = ()) -> frozenset[str] | None:
+    """The Host header values the API bound to host:port answers, or None for any. On a loopback
+    bind: localhost, 127.0.0.1 and [::1] (bare or with the port) and `extra` (--allowed-hosts);
+    on another bind only when `extra` names some (the key is then the guard: the server cannot
+    know its LAN names)."""
+    extra = [h.strip().lower() for h in extra if h.strip()]
+    if "*" in extra or (not is_loopback(host) and not extra):
         return None
-    names = ["localhost", "127.0.0.1", "[::1]"] if _is_loopback(cfg.host) else []
-    if cfg.host not in ("0.0.0.0", "::"):
-        names.append(f"[{cfg.host}]" if ":" in cfg.host else cfg.host.lower())
+    names = ["localhost", "127.0.0.1", "[::1]"] if is_loopback(host) else []
+    if host not in ("0.0.0.0", "::"):
+        names.append(f"[{host}]" if ":" in host else host.lower())
     names += extra
-    port = f":{cfg.port}"
+    port = f":{port}"
     # "name:port" as given; a bare name is accepted bare and with our port
     return frozenset(n for h in names for n in ((h,) if re.search(r":\d+$", h) else (h, h + port)))
 
@@ -610,17 +628,17 @@ def _key_lines(path: str) -> list[str]:
     return keys
 
 
-def api_keys_from(cfg: ServeConfig) -> list[str]:
+def api_keys_from(api_key: list[str] = (), api_key_file: str | None = None) -> list[str]:
     """--api-key, --api-key-file and TOUCAN_API_KEYS (comma-separated) together. An empty key is
     an error, never "no auth": `--api-key ""` used to switch authentication off."""
     keys = []
-    for k in cfg.api_key:
+    for k in api_key:
         if not k.strip():
             raise ConfigError("--api-key: an empty key would switch authentication off; give a real key, "
                               "or leave --api-key out")
         keys.append(k.strip())
-    if cfg.api_key_file:
-        keys += _key_lines(cfg.api_key_file)
+    if api_key_file:
+        keys += _key_lines(api_key_file)
     env = os.environ.get("TOUCAN_API_KEYS")
     if env is not None:
         items = [k.strip() for k in env.split(",")]
@@ -648,33 +666,15 @@ def check_address(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def check_serve(cfg: ServeConfig) -> list[str]:
-    """Everything about the options that can fail, checked before the model loads; returns the keys."""
-    keys = api_keys_from(cfg)
-    if not _is_loopback(cfg.host) and not keys and not cfg.insecure:
-        raise ConfigError(f"--host {cfg.host} without an API key would let anyone on the network use the model: "
+def check_serve(*, host: str, port: int, api_key: list[str], api_key_file: str | None, insecure: bool,
+                max_request_bytes: int) -> list[str]:
+    """Everything about the server's settings that can fail, checked before the model loads
+    (the keys, a LAN bind without any, the body limit, host:port free to listen on); returns the keys."""
+    keys = api_keys_from(api_key, api_key_file)
+    if not is_loopback(host) and not keys and not insecure:
+        raise ConfigError(f"--host {host} without an API key would let anyone on the network use the model: "
                           "give --api-key-file, TOUCAN_API_KEYS or --api-key, or --insecure if you really mean it")
-    if cfg.max_request_bytes < 1:
-        raise ConfigError(f"--max-request-bytes {cfg.max_request_bytes}: must be positive")
-    check_address(cfg.host, cfg.port)
+    if max_request_bytes < 1:
+        raise ConfigError(f"--max-request-bytes {max_request_bytes}: must be positive")
+    check_address(host, port)
     return keys
-
-
-def run_serve(cfg: ServeConfig) -> int:
-    import uvicorn
-
-    keys = check_serve(cfg)
-    if not _is_loopback(cfg.host) and not keys:
-        log.warning("serving on %s with no API key (--insecure): anyone who can reach this port can use the model",
-                    cfg.host)
-    if cfg.api_key:
-        log.info("keys given with --api-key show in `ps`; --api-key-file or TOUCAN_API_KEYS keep them private")
-    engine = Engine.from_config(cfg)
-    if cfg.batching == "static" and getattr(engine, "continuous", False):
-        engine.continuous = False  # today's static batching (bench/serve.py compares the two)
-    app = create_app(engine, cfg, keys)
-    log.info("toucan serve: http://%s:%d/v1 (model %s, %s)", cfg.host, cfg.port,
-             cfg.model_name or os.path.basename(os.path.normpath(cfg.model)),
-             f"{len(keys)} API key(s)" if keys else "no API key")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
-    return 0

@@ -1,4 +1,4 @@
-"""`toucan web`: the Gradio chat page on the engine.
+"""`toucan web`'s Gradio chat page on the engine (the command is toucan.commands.web).
 
 What the original demo got wrong and this page does instead: it streams token by token; the whole
 conversation goes into the prompt (toucan.prompts renders it; the engine drops the oldest turns
@@ -18,16 +18,18 @@ engine row (so the model stops too); Regenerate answers the last question again;
 
 # (no `from __future__ import annotations`: Gradio finds the gr.Request parameter by its live annotation)
 
+import dataclasses
 import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
-from ..config import WebConfig
-from ..engine import Engine, Stream, options_from
+from ..engine import Engine, Stream
 from ..errors import ConfigError
+from ..sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,13 @@ def parse_auth(auth: str | None) -> list[tuple[str, str]] | None:
     return out
 
 
-def check_bind(cfg: WebConfig) -> list[tuple[str, str]] | None:
-    auth = parse_auth(cfg.auth)
-    if cfg.host not in LOOPBACK and not auth and not cfg.insecure:
-        raise ConfigError(f"--host {cfg.host} would let anyone on the network use the model: give --auth user:pass "
+def check_bind(host: str, auth: str | None, insecure: bool) -> list[tuple[str, str]] | None:
+    """The logins (parse_auth) for a page bound to `host`; a non-loopback host needs some, or `insecure`."""
+    logins = parse_auth(auth)
+    if host not in LOOPBACK and not logins and not insecure:
+        raise ConfigError(f"--host {host} would let anyone on the network use the model: give --auth user:pass "
                           "(or an auth file), or --insecure if you really mean it")
-    return auth
+    return logins
 
 
 class LoginThrottle:
@@ -122,12 +125,12 @@ class LoginThrottle:
                 self.failures.pop(client, None)
 
 
-def launch(app, cfg: WebConfig, auth, **kwargs):
+def launch(app, *, host: str, port: int, auth, login_attempts: int, login_lockout: float, **kwargs):
     """Gradio's launch with toucan's rules: the bind, no share link, login throttling."""
     from starlette.middleware import Middleware
 
-    throttle = Middleware(LoginThrottle, attempts=cfg.login_attempts, lockout=cfg.login_lockout)
-    return app.launch(server_name=cfg.host, server_port=cfg.port, auth=auth, share=False, inbrowser=False,
+    throttle = Middleware(LoginThrottle, attempts=login_attempts, lockout=login_lockout)
+    return app.launch(server_name=host, server_port=port, auth=auth, share=False, inbrowser=False,
                       footer_links=[], app_kwargs={"middleware": [throttle]}, **kwargs)
 
 
@@ -173,23 +176,28 @@ def _drop_last_answer(chat: list) -> list:
     return chat
 
 
-def _settings_panel(gr, engine: Engine, cfg: WebConfig) -> list:
-    """The generation sliders (the original demo's, defaults from cfg), in the order respond takes them."""
+def _settings_panel(gr, engine: Engine, params: SamplingParams) -> list:
+    """The generation sliders (the original demo's, starting at `params`), in the order respond takes them."""
     with gr.Accordion("生成参数 Generation settings", open=False):
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top P")
-            top_k = gr.Slider(0, 100, value=cfg.top_k, step=1, label="Top K")
+            temperature = gr.Slider(0, 2, value=params.temperature, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1, value=params.top_p, step=0.05, label="Top P")
+            top_k = gr.Slider(0, 100, value=params.top_k, step=1, label="Top K")
         with gr.Row():
-            beams = gr.Slider(1, 4, value=cfg.num_beams, step=1, label="Beams (>1: beam search, no streaming)")
-            rep = gr.Slider(1, 2, value=cfg.repetition_penalty, step=0.05, label="Repetition penalty")
-            max_tokens = gr.Slider(1, engine.max_context - 1, value=min(cfg.max_new_tokens, engine.max_context - 1),
+            beams = gr.Slider(1, 4, value=params.num_beams, step=1, label="Beams (>1: beam search, no streaming)")
+            rep = gr.Slider(1, 2, value=params.repetition_penalty, step=0.05, label="Repetition penalty")
+            max_tokens = gr.Slider(1, engine.max_context - 1,
+                                   value=min(params.max_new_tokens, engine.max_context - 1),
                                    step=1, label="Max tokens")
-            do_sample = gr.Checkbox(value=cfg.do_sample, label="do_sample (off = greedy)")
+            do_sample = gr.Checkbox(value=params.do_sample, label="do_sample (off = greedy)")
     return [temperature, top_p, top_k, beams, rep, max_tokens, do_sample]
 
 
-def build_app(engine: Engine, cfg: WebConfig):
+def build_app(engine: Engine, params: SamplingParams, *, model_name: Optional[str] = None,
+              concurrency: Optional[int] = None):
+    """The page: `params` are the sliders' starting values (their stop strings and seed are not
+    used: the page has no such controls), `model_name` is shown under the title, `concurrency`
+    is how many chat requests Gradio runs at once (None: Gradio's default)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home
     import gradio as gr
 
@@ -202,9 +210,9 @@ def build_app(engine: Engine, cfg: WebConfig):
             yield chat
             return
         question = _text(chat[-1]["content"])
-        opts = options_from(cfg, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                            num_beams=int(beams), repetition_penalty=float(rep), max_new_tokens=int(max_tokens),
-                            do_sample=bool(do_sample), stop=[], seed=None)
+        opts = dataclasses.replace(params, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                                   num_beams=int(beams), repetition_penalty=float(rep),
+                                   max_new_tokens=int(max_tokens), do_sample=bool(do_sample), stop=[], seed=None)
         try:
             stream = engine.stream(web_prompt(engine, chat[:-1], question, opts.max_new_tokens), opts)
         except ConfigError as e:  # the question alone does not fit the context: say so
@@ -233,7 +241,7 @@ def build_app(engine: Engine, cfg: WebConfig):
             s.cancel()
 
     with gr.Blocks(title="Toucan") as app:
-        gr.Markdown(f"## Toucan 中文对话\n`{os.path.basename(os.path.normpath(cfg.model))}`")
+        gr.Markdown("## Toucan 中文对话" + (f"\n`{model_name}`" if model_name else ""))
         chat = gr.Chatbot(label="Toucan", height=460, elem_id="chat",
                           placeholder="问我任何问题 · Ask anything", buttons=["copy"])
         with gr.Row():
@@ -244,7 +252,7 @@ def build_app(engine: Engine, cfg: WebConfig):
             stop_btn = gr.Button("停止 Stop", elem_id="stop")
             regen = gr.Button("重新生成 Regenerate", elem_id="regen")
             clear = gr.Button("清空 Clear History", elem_id="clear")
-        knobs = _settings_panel(gr, engine, cfg)
+        knobs = _settings_panel(gr, engine, params)
 
         runs = []
         for trigger in (box.submit, send.click):
@@ -253,15 +261,5 @@ def build_app(engine: Engine, cfg: WebConfig):
         runs.append(regen.click(_drop_last_answer, chat, chat, queue=False).then(respond, [chat, *knobs], chat))
         stop_btn.click(stop, None, None, cancels=runs, queue=False)
         clear.click(stop, None, None, cancels=runs, queue=False).then(lambda: [], None, chat, queue=False)
-    app.queue(default_concurrency_limit=cfg.concurrency)
+    app.queue(**({} if concurrency is None else {"default_concurrency_limit": concurrency}))
     return app
-
-
-def run_web(cfg: WebConfig) -> int:
-    auth = check_bind(cfg)
-    engine = Engine.from_config(cfg)
-    app = build_app(engine, cfg)
-    if cfg.host not in LOOPBACK:
-        log.warning("serving the chat page on %s (%s)", cfg.host, "with login" if auth else "NO LOGIN: --insecure")
-    launch(app, cfg, auth)
-    return 0

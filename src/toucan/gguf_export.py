@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import fsutil
-from .config import GGUF_TYPES
+from .defaults import GGUF_TYPES
 from .delta_io import Weights
 from .errors import ConfigError, GgufError, ModelError, OutputError
 from .fsutil import atomic_write_json, sha256_file
@@ -669,18 +669,3 @@ def gguf_tokenizer(path: str | os.PathLike):
         model = Path(d) / "tokenizer.model"
         model.write_bytes(data)
         return sentencepiece_tokenizer(model)  # the model is read into memory: the file may go
-
-
-def run_export_gguf(cfg) -> int:
-    """`toucan export gguf --model DIR --output FILE.gguf --type f16|bf16|q8_0|q4_0|q4_k_m`."""
-    m = export_gguf(cfg.model, cfg.output, cfg.type, base=cfg.base, template=cfg.template,
-                    overwrite=cfg.overwrite, threads=cfg.threads, trust_remote_code=cfg.trust_remote_code,
-                    config=cfg)
-    paths: dict[str, int] = {}
-    for t in m["tensors"]:
-        key = t["path"].split(" (")[0]
-        paths[key] = paths.get(key, 0) + 1
-    print(f"{cfg.output}: {cfg.type}, {len(m['tensors'])} tensors ("
-          + ", ".join(f"{n} {k}" for k, n in sorted(paths.items())) + f"), {m['size'] / 1e6:.1f} MB, "
-          f"vocabulary {m['tokenizer']['pieces']} pieces over {m['tokenizer']['rows']} rows")
-    return 0

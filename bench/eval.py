@@ -36,11 +36,11 @@ def lines(p: Path) -> int:
 
 
 def make_model(out: Path) -> None:
-    from toucan.modeling import load_tokenizer, save_model_dir, tiny_llama
+    from toucan.modeling import load_tokenizer, save_tiny_llama
 
     tok = load_tokenizer(ROOT / "tests/fixtures/tiny_tokenizer")
     # 2048 positions: the longest BELLE question is ~1150 tiny-tokenizer tokens
-    save_model_dir(out, tiny_llama(len(tok), tokenizer=tok, max_position_embeddings=2048), tok, command="bench-eval")
+    save_tiny_llama(out, tok, command="bench-eval", max_position_embeddings=2048)
 
 
 def start_judge(work: Path) -> tuple[subprocess.Popen, str]:

@@ -41,26 +41,24 @@ KEY = "sk-bench"
 
 
 def make_model(out: Path, hidden: int, layers: int) -> Path:
-    from toucan.modeling import load_tokenizer, save_model_dir, tiny_llama
+    from toucan.modeling import load_tokenizer, save_tiny_llama
 
     tok = load_tokenizer(ROOT / "tests/fixtures/tiny_tokenizer")
-    model = tiny_llama(len(tok), tokenizer=tok, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=max(1, hidden // 64), intermediate_size=int(hidden * 2.6875),
-                       max_position_embeddings=1024)
-    save_model_dir(out, model, tok, command="bench-serve")
-    return out
+    return save_tiny_llama(out, tok, command="bench-serve", hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=max(1, hidden // 64), intermediate_size=int(hidden * 2.6875),
+                           max_position_embeddings=1024)
 
 
 def decode_speed(model_dir: Path, device: str, tokens: int, repeats: int) -> dict:
     import torch
 
-    from toucan.config import GenerationOptions
+    from toucan.sampling import SamplingParams
     from toucan.engine import Engine
 
     eng = Engine.from_dir(model_dir, device=device)
     prompt = eng.chat_prompt([], "请写一首关于大海的诗。", tokens)[0]
     ids = torch.tensor([eng.encode(prompt)], device=eng.model.device)
-    opts = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
+    opts = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     tok = eng.tokenizer
 
     def plain():
@@ -197,13 +195,13 @@ def offline_throughput(model_dir: Path, device: str, batch: int, tokens: int, re
     settings), continuous engine and the static path; median of `repeats`."""
     import torch
 
-    from toucan.config import GenerationOptions
+    from toucan.sampling import SamplingParams
     from toucan.engine import Engine
 
     eng = Engine.from_dir(model_dir, device=device)
     eng.max_rows = batch
     prompts = [eng.messages_prompt([{"role": "user", "content": question(i)}], tokens) for i in range(batch)]
-    opts = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, **LOAD_OPTS)
+    opts = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, **LOAD_OPTS)
     rates = {"continuous": [], "static": []}
     for _ in range(repeats + 1):  # the first round is a warm-up
         for mode in rates:

@@ -50,9 +50,6 @@ def llama_tok():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tok):
     """A randomly initialised tiny LLaMA (fp32) saved as a Hugging Face directory with tokenizer."""
-    from toucan.modeling import save_model_dir, tiny_llama
+    from toucan.modeling import save_tiny_llama
 
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    model = tiny_llama(len(tiny_tok), tokenizer=tiny_tok)
-    save_model_dir(out, model, tiny_tok, command="test-fixture")
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny", tiny_tok, command="test-fixture")

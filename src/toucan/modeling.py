@@ -376,6 +376,14 @@ def tiny_llama(vocab_size: int, seed: int = 0, tokenizer=None, **kw):
     return LlamaForCausalLM(tiny_llama_config(vocab_size, **kw))
 
 
+def save_tiny_llama(out_dir: str | os.PathLike, tokenizer, *, command: str, seed: int = 0, **kw) -> Path:
+    """A random tiny LLaMA sized to `tokenizer` (tiny_llama; `kw` as tiny_llama_config takes them)
+    saved with it as a model directory: the tests' and the benches' model, built one way."""
+    save_model_dir(out_dir, tiny_llama(len(tokenizer), seed=seed, tokenizer=tokenizer, **kw), tokenizer,
+                   command=command)
+    return Path(out_dir)
+
+
 # Quantized loading lives here, with the other loaders, so that both load_model and the quantizer
 # (quant/gptq.py) reach it without an import cycle; GPTQModel itself is imported by transformers
 # only when a quantized directory is loaded.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ModelError
 from .gguf_export import check_gguf
+from .sampling import is_sampling
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def sampler(llm, opts):
         # penalty_last_n = the whole context, as transformers penalises every token in input_ids
         s.add_penalties(n_vocab=llm.n_vocab(), penalty_last_n=llm.n_ctx(), penalty_repeat=opts.repetition_penalty,
                         penalty_freq=0.0, penalty_present=0.0)
-    if opts.do_sample and opts.temperature > 0:
+    if is_sampling(opts):  # the one greedy rule (beams were refused above)
         s.add_temp(opts.temperature)
         if opts.top_k > 0:
             s.add_top_k(opts.top_k)

@@ -214,7 +214,7 @@ def fetch_replies(messages: list[str], ep: JudgeEndpoint, cache: JudgeCache) -> 
     return [cache.get(k) for k in keys], [errors.get(k) for k in keys], spend
 
 
-def llm_scores(answers: list[dict], ep: JudgeEndpoint, prompts: str, cache: str | os.PathLike,
+def llm_scores(answers: list[dict], ep: JudgeEndpoint, prompts: str, cache_file: str | os.PathLike,
                out_of_range: str = "reject") -> tuple[list[dict], dict]:
     """Each answer with its judge score (BELLE's per-class judge prompts from `prompts`), and the spend."""
     if not prompts:
@@ -222,7 +222,7 @@ def llm_scores(answers: list[dict], ep: JudgeEndpoint, prompts: str, cache: str 
     by_class = load_judge_prompts(prompts)
     messages = [judge_message(by_class[a["class"]], a["question"], a["answer"], a["std_answer"], a["class"])
                 for a in answers]
-    cache = JudgeCache(cache)
+    cache = JudgeCache(cache_file)
     records, errors, spend = fetch_replies(messages, ep, cache)
     scored, table_tokens = [], 0
     for a, rec, err in zip(answers, records, errors):

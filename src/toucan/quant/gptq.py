@@ -28,7 +28,7 @@ from ..fsutil import atomic_dir, atomic_write_json, check_output, remove_stale_t
 from ..manifest import write_manifest
 from ..tokenizer import finish_tokenizer_dir
 from ..modeling import (adapter_base, check_model_dir, check_remote_code, gptqmodel_env, is_adapter, is_quantized,
-                        load_error, load_errors, load_quantized, load_tokenizer, merged_model_dir, resolve_device, resolve_dtype)
+                        load_error, load_errors, load_tokenizer, merged_model_dir, resolve_device, resolve_dtype)
 from .calib import calibration_samples, check_calibration
 from .sparse import keep_zeros, pruning_record
 

@@ -148,69 +148,77 @@ def fetch_replies(messages: list[str], ep: JudgeEndpoint, cache: JudgeCache) -> 
 
     keys = [JudgeCache.key(ep.model, m) for m in messages]
     todo = {k: m for k, m in zip(keys, messages) if cache.get(k) is None}  # identical messages: asked once
-    spend = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cache_hits": len(set(keys)) - len(todo)}
+    spend = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cache_hits": len(set(keys)) - len(todo),
+             "stopped": None}
     errors: dict[str, str] = {}
     log.info("judge %s: %d messages, %d in the cache (%s), %d to ask", ep.model, len(set(keys)),
              spend["cache_hits"], cache.path, len(todo))
-    if todo:
-        client = _client(ep)
+    if not todo:
+        spend["failed"] = 0
+        return [cache.get(k) for k in keys], [None] * len(keys), spend
+    client = _client(ep)
+    stop = threading.Event()  # set after too many failures in a row: no new requests
+    lock = threading.Lock()
+    in_a_row = 0
 
-        def work(k: str) -> None:
-            for attempt in range(ep.retries + 1):
-                try:
-                    reply, usage = _ask(client, ep, todo[k])
-                    break
-                except MalformedReply:
-                    if attempt == ep.retries or stop.is_set():
-                        raise
-                    stop.wait(_backoff(attempt))
-            cache.put(k, ep.model, reply, usage)
+    def ask(k: str) -> str | None:
+        """The item's error after its retries, or None once its reply is in the cache."""
+        for attempt in range(ep.retries + 1):
+            try:
+                reply, usage = _ask(client, ep, todo[k])
+                break
+            except MalformedReply as e:
+                if attempt == ep.retries or stop.is_set():
+                    return f"malformed reply after {ep.retries} retries: {e}"
+                stop.wait(_backoff(attempt))
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                raise EvalError(f"judge {ep.model} at {ep.url or 'the default endpoint'}: {e}") from None
+            except openai.APITimeoutError as e:
+                return f"timeout after {ep.retries} retries: {e}"
+            except openai.APIConnectionError as e:
+                raise EvalError(f"cannot reach the judge at {ep.url or 'the default endpoint'} "
+                                f"after {ep.retries} retries: {e}") from None
+            except openai.APIError as e:
+                return f"{type(e).__name__}: {e}"
+        cache.put(k, ep.model, reply, usage)
+        return None
 
-        stop = threading.Event()  # set after too many failures in a row: no new requests
-        in_a_row = 0
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, ep.concurrency), thread_name_prefix="judge")
-        try:
-            futures = {pool.submit(work, k): k for k in todo}
-            for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="judge", unit="msg"):
-                k = futures[fut]
-                if fut.cancelled():
-                    errors[k] = f"not asked: {spend['stopped']}"
-                    continue
-                err = None
-                try:
-                    fut.result()
-                except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                    raise EvalError(f"judge {ep.model} at {ep.url or 'the default endpoint'}: {e}") from None
-                except openai.APITimeoutError as e:
-                    err = f"timeout after {ep.retries} retries: {e}"
-                except openai.APIConnectionError as e:
-                    raise EvalError(f"cannot reach the judge at {ep.url or 'the default endpoint'} "
-                                    f"after {ep.retries} retries: {e}") from None
-                except openai.APIError as e:
-                    err = f"{type(e).__name__}: {e}"
-                except MalformedReply as e:
-                    err = f"malformed reply after {ep.retries} retries: {e}"
-                if err is not None:
-                    errors[k] = err
-                    in_a_row += 1
-                    if ep.max_consecutive_failures and in_a_row >= ep.max_consecutive_failures \
-                            and not stop.is_set():
-                        # a dead or hanging judge would otherwise cost (retries + 1) x timeout per item
-                        stop.set()
-                        spend["stopped"] = (f"stopped after {in_a_row} judge requests in a row failed "
-                                            f"(last: {' '.join(err.split())[:200]})")
-                        for f in futures:  # what has not started is never sent; what is in flight ends
-                            f.cancel()
-                    continue
-                in_a_row = 0
-                spend["calls"] += 1
-                usage = cache.get(k)["usage"] or {}
-                spend["prompt_tokens"] += usage.get("prompt_tokens") or 0
-                spend["completion_tokens"] += usage.get("completion_tokens") or 0
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    def work(k: str) -> str | None:
+        nonlocal in_a_row
+        if stop.is_set():  # queued before the stop: never sent
+            return f"not asked: {spend['stopped']}"
+        err = ask(k)
+        # Counted here, in the worker, before it takes its next item: counted by the main thread,
+        # a fast-failing judge let the pool send several more requests before the stop was seen.
+        with lock:
+            in_a_row = 0 if err is None else in_a_row + 1
+            if err is not None and ep.max_consecutive_failures and not stop.is_set() \
+                    and in_a_row >= ep.max_consecutive_failures:
+                # a dead or hanging judge would otherwise cost (retries + 1) x timeout per item
+                spend["stopped"] = (f"stopped after {in_a_row} judge requests in a row failed "
+                                    f"(last: {' '.join(err.split())[:200]})")
+                stop.set()
+        return err
+
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, ep.concurrency), thread_name_prefix="judge")
+    try:
+        futures = {pool.submit(work, k): k for k in todo}
+        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="judge", unit="msg"):
+            k = futures[fut]
+            err = f"not asked: {spend['stopped']}" if fut.cancelled() else fut.result()
+            if err is not None:
+                errors[k] = err
+                if stop.is_set():
+                    for f in futures:  # what has not started is never sent; what is in flight ends
+                        f.cancel()
+                continue
+            spend["calls"] += 1
+            usage = cache.get(k)["usage"] or {}
+            spend["prompt_tokens"] += usage.get("prompt_tokens") or 0
+            spend["completion_tokens"] += usage.get("completion_tokens") or 0
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     spend["failed"] = sum(not e.startswith("not asked") for e in errors.values())
-    spend.setdefault("stopped", None)
     return [cache.get(k) for k in keys], [errors.get(k) for k in keys], spend
 
 

@@ -47,6 +47,7 @@ from toucan.data import encode_prompt, encode_record, iter_records, record_promp
 from toucan.modeling import load_model, load_tokenizer, save_model_dir, tiny_llama  # noqa: E402
 from toucan.ppl import evaluate, load_sequences  # noqa: E402
 from toucan.prompts import build_prompt  # noqa: E402
+from toucan.training import fit, prepare_model, training_arguments  # noqa: E402
 from toucan.quant import run_quantize  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -66,9 +67,11 @@ def write_data(out: Path, data: Path) -> None:
 
 
 def train(out: Path, args, seed: int = 0) -> Path:
-    """A hidden-256 LLaMA trained on the chat-rendered records (plain AdamW loop, one-cycle LR)."""
+    """A hidden-256 LLaMA trained on the chat-rendered records, by toucan.training.fit (the function
+    `toucan train` calls): random --train-seq windows of the token stream, every token a label (the
+    held-out score is on whole texts), AdamW with a cosine schedule after a 5% warm-up."""
     want = {"steps": args.train_steps, "seed": seed, "seq": args.train_seq, "batch": args.train_batch,
-            "layers": args.layers}
+            "layers": args.layers, "trainer": "toucan.training.fit"}
     shape = dict(hidden_size=getattr(args, "hidden", 256), intermediate_size=getattr(args, "mlp", 768),
                  num_attention_heads=getattr(args, "heads", 4))
     if shape != dict(hidden_size=256, intermediate_size=768, num_attention_heads=4):  # the --sweep models
@@ -83,27 +86,22 @@ def train(out: Path, args, seed: int = 0) -> Path:
     ids = []
     for r in iter_records(out / "train.jsonl"):
         ids += encode_record(tok, r, 10_000).input_ids
-    data = torch.tensor(ids)
-    steps, device, seq = args.train_steps, args.device, args.train_seq
-    model = tiny_llama(len(tok), seed=seed, tokenizer=tok, num_hidden_layers=args.layers, **shape).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    steps, seq = args.train_steps, args.train_seq
     g = torch.Generator().manual_seed(seed)
-    model.train()
+    starts = torch.randint(0, len(ids) - seq - 1, (steps * args.train_batch,), generator=g).tolist()
+    windows = [{"input_ids": ids[s:s + seq], "labels": ids[s:s + seq]} for s in starts]  # one pass: each step new windows
+    model = tiny_llama(len(tok), seed=seed, tokenizer=tok, num_hidden_layers=args.layers, **shape)
+    prepare_model(model, tok)
+    targs = training_arguments(out / "fp32-checkpoints", per_device_train_batch_size=args.train_batch,
+                               max_steps=steps, learning_rate=2e-3, weight_decay=0.01, lr_scheduler_type="cosine",
+                               warmup_steps=0.05, max_grad_norm=1.0, logging_steps=25, save_strategy="no",
+                               seed=seed, report_to="none", use_cpu=args.device == "cpu")
     t0 = time.perf_counter()
-    for step in range(steps):
-        starts = torch.randint(0, len(data) - seq - 1, (args.train_batch,), generator=g)
-        x = torch.stack([data[s:s + seq] for s in starts]).to(device)
-        loss = model(x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 25 == 0 or step == steps - 1:
-            print(f"train step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    res = fit(model, tok, windows, targs)
+    print(f"trained {steps} steps, losses logged {[round(x, 3) for x in res.losses[-3:]]} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
     # overwrite: a model this bench trained before with other settings (checked above) is replaced
-    save_model_dir(out / "fp32", model.float().cpu().eval(), tok, command="bench-quant-train",
+    save_model_dir(out / "fp32", res.saveable.float().cpu().eval(), tok, command="bench-quant-train",
                    config={**want, "seconds": round(time.perf_counter() - t0)}, overwrite=True)
     return out / "fp32"
 

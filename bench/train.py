@@ -65,35 +65,28 @@ class TokenCounter:
 
 
 def run_recipe(args) -> dict:
-    """One recipe in this process; prints a JSON line."""
+    """One recipe in this process; prints a JSON line. Both train through toucan.training.fit, the
+    function `toucan train` calls; only the data layout and batch shape differ."""
     import torch
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
-    from toucan.config import TrainConfig
     from toucan.modeling import tiny_llama
-    from toucan.collate import PackedCollator, SFTCollator, pack_examples, response_loss
-    from toucan.train import training_arguments
+    from toucan.training import fit, prepare_model, training_arguments
 
     torch.set_num_threads(args.threads)
     tok, examples, rep = load_examples(args.max_len)
     model = tiny_llama(len(tok), tokenizer=tok, seed=0, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, intermediate_size=args.intermediate,
                        max_position_embeddings=args.max_len)
-    model.config.use_cache = False
-    if args.recipe == "original":
-        train_set, collate = examples, SFTCollator(tok.pad_token_id)
-    else:
-        # exactly what `toucan train --packing` does (toucan.train.train)
-        train_set, collate = pack_examples(examples, args.max_len), PackedCollator(tok.pad_token_id, one_row=True)
+    prepare_model(model, tok)
     counter = TokenCounter(model)
     # original: 2 examples per step. toucan: 2 packed rows per step, as micro-batches of 1 row
     # (attention inside a row is dense over the block-diagonal mask, so shorter rows cost less).
     batch, accum = (2, 1) if args.recipe == "original" else (1, 2)
-    cfg = TrainConfig(model="-", data=["-"], output=str(Path(args.tmp) / args.recipe),
-                      per_device_train_batch_size=batch, gradient_accumulation_steps=accum, learning_rate=2e-5, warmup_ratio=0.03, max_steps=100000,
-                      logging_steps=100000, save_steps=10 ** 9, seed=0, lr_scheduler_type="cosine",
-                      extra_args=["--save_strategy", "no", "--disable_tqdm", "True"])
-    targs = training_arguments(cfg)
+    targs = training_arguments(Path(args.tmp) / args.recipe, per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=accum, learning_rate=2e-5, warmup_steps=0.03,
+                               max_steps=100000, logging_steps=100000, save_strategy="no", seed=0,
+                               lr_scheduler_type="cosine", report_to="none", disable_tqdm=True)
 
     class Clock(TrainerCallback):
         """Stops after the time budget; times (and counts tokens of) only the steps after warm-up."""
@@ -114,12 +107,10 @@ def run_recipe(args) -> dict:
             return control
 
     clock = Clock()
-    trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=collate, callbacks=[clock],
-                      compute_loss_func=response_loss if args.recipe == "toucan" else None)
-    trainer.train()
+    res = fit(model, tok, examples, targs, packing=args.recipe == "toucan", max_len=args.max_len, callbacks=[clock])
     return {"recipe": args.recipe, "threads": args.threads, "timed_steps": clock.steps, "seconds": round(clock.elapsed, 2),
             "effective_tokens": clock.tokens, "tokens_per_s": round(clock.tokens / clock.elapsed, 1),
-            "train_rows": len(train_set), "examples": len(examples),
+            "train_rows": res.train_rows, "examples": len(examples),
             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "length_p50_p90_max": [rep.percentiles().get(k) for k in ("p50", "p90", "max")]}
@@ -152,11 +143,13 @@ def cpu_main(args) -> None:
 
 
 def gpu_main(args) -> None:
-    """LLaMA-7B shape on one GPU: bf16 weights, gradient checkpointing, fused AdamW, 1024-token rows."""
+    """LLaMA-7B shape on one GPU: bf16 weights, gradient checkpointing, fused AdamW, 1024-token rows,
+    through toucan.training.fit (what `toucan train --packing --bf16 --gradient-checkpointing` runs)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-    from toucan.collate import PackedCollator, pack_examples, response_loss
+    from toucan.modeling import load_tokenizer
+    from toucan.training import fit, training_arguments
 
     assert torch.cuda.is_available(), "--device cuda needs a GPU"
     seq = args.gpu_seq
@@ -170,21 +163,19 @@ def gpu_main(args) -> None:
     torch.set_default_dtype(torch.float32)
     if DATA.is_file() and TOKENIZER.is_file():
         tok, examples, _ = load_examples(512)
-        rows = pack_examples(examples, seq)
-        pad = tok.pad_token_id
-    else:
+    else:  # random tokens in full rows; the tokenizer only gives fit its pad id
+        tok = load_tokenizer(ROOT / "tests" / "fixtures" / "tiny_tokenizer")
         g = torch.Generator().manual_seed(0)
-        rows = [{"input_ids": (ids := torch.randint(3, 32000, (seq,), generator=g).tolist()), "labels": ids,
-                 "position_ids": list(range(seq))} for _ in range(512)]
-        pad = 0
+        examples = [{"input_ids": (ids := torch.randint(3, 32000, (seq,), generator=g).tolist()), "labels": ids}
+                    for _ in range(512)]
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
     counter = TokenCounter(model)
-    targs = TrainingArguments(output_dir=str(Path(args.tmp) / "gpu"), per_device_train_batch_size=1,
-                              gradient_accumulation_steps=args.gpu_batch, bf16=True, activation_checkpointing=True,
-                              optim="adamw_torch_fused", learning_rate=1e-5,
-                              max_steps=args.gpu_steps, save_strategy="no", logging_steps=10 ** 6, report_to="none",
-                              remove_unused_columns=False, dataloader_num_workers=2, disable_tqdm=True, seed=0)
+    targs = training_arguments(Path(args.tmp) / "gpu", gradient_checkpointing=True, per_device_train_batch_size=1,
+                               gradient_accumulation_steps=args.gpu_batch, bf16=True, optim="adamw_torch_fused",
+                               learning_rate=1e-5, max_steps=args.gpu_steps, save_strategy="no",
+                               logging_steps=10 ** 6, report_to="none", dataloader_num_workers=2,
+                               disable_tqdm=True, seed=0)
 
     class Clock(TrainerCallback):
         t0 = None
@@ -200,8 +191,7 @@ def gpu_main(args) -> None:
 
     clock = Clock()
     torch.cuda.reset_peak_memory_stats()
-    Trainer(model=model, args=targs, train_dataset=rows, data_collator=PackedCollator(pad, one_row=True),
-            callbacks=[clock], compute_loss_func=response_loss).train()
+    fit(model, tok, examples, targs, packing=True, max_len=seq, callbacks=[clock])
     timed_steps = args.gpu_steps - args.warmup_steps
     tps = clock.tokens / clock.elapsed
     tflops = tps * flops_per_token / 1e12

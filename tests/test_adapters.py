@@ -27,7 +27,7 @@ def trained(tmp_path_factory, tiny_tok):
     steps to answer NEW_REPLY instead: base, adapter, and the adapter merged by merge-lora."""
     import torch
 
-    from toucan.train import train
+    from toucan.commands.train import train
 
     d = tmp_path_factory.mktemp("adapters")
     base = save_parrot(tiny_tok, d / "base")

@@ -100,7 +100,6 @@ KNOWN_UNFINISHED = {
                        'run_demo: print()',
                        'run_demo: takes cfg',
                        'train_config: takes cfg'],
-    'toucan.lora': ['apply_lora: takes cfg', 'lora_config: takes cfg', 'run_merge_lora: takes cfg'],
     'toucan.quant.gptq': [   '_calibration: takes cfg',
                              '_inputs: takes cfg',
                              '_plan: takes cfg',
@@ -109,16 +108,7 @@ KNOWN_UNFINISHED = {
                              '_quantize_dir: takes cfg',
                              '_sparsity_plan: takes cfg',
                              'run_quantize: takes cfg',
-                             'validate: takes cfg'],
-    'toucan.train': [   '_inputs: takes cfg',
-                        '_load_model: takes cfg',
-                        'checkpoint_dir: takes cfg',
-                        'load_examples: takes cfg',
-                        'resolve_resume: takes cfg',
-                        'run_train: takes cfg',
-                        'train: takes cfg',
-                        'train_fsdp_cpu: takes cfg',
-                        'training_arguments: takes cfg']}
+                             'validate: takes cfg']}
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=[_name(p) for p in LIBRARY])

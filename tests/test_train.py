@@ -64,14 +64,20 @@ def test_collator_keeps_eos_label_when_pad_is_eos(tiny_tok):
 
 def test_pass_through_trainer_flags(tmp_path):
     from toucan.errors import ConfigError
-    from toucan.train import training_arguments
+    from toucan.commands.train import trainer_args
 
     cfg = tcfg("m", "d", tmp_path / "out", extra_args=["--max_grad_norm", "0.5", "--adam_beta2", "0.95"])
-    args = training_arguments(cfg)
+    args = trainer_args(cfg)
     assert args.max_grad_norm == 0.5 and args.adam_beta2 == 0.95 and args.max_steps == 4
     assert args.output_dir == str(tmp_path / "out") + "-checkpoints"
-    with pytest.raises(ConfigError):
-        training_arguments(tcfg("m", "d", tmp_path / "o", extra_args=["--no_such_flag", "1"]))
+    # a flag given wins over toucan's own setting, even when it spells TrainingArguments' default
+    assert trainer_args(tcfg("m", "d", tmp_path / "o", extra_args=["--remove_unused_columns", "True"])
+                        ).remove_unused_columns is True
+    assert trainer_args(tcfg("m", "d", tmp_path / "o")).remove_unused_columns is False
+    with pytest.raises(ConfigError, match="--no_such_flag"):
+        trainer_args(tcfg("m", "d", tmp_path / "o", extra_args=["--no_such_flag", "1"]))
+    with pytest.raises(ConfigError, match="max_grad_norm.*invalid float value"):
+        trainer_args(tcfg("m", "d", tmp_path / "o", extra_args=["--max_grad_norm", "abc"]))
 
 
 @pytest.mark.integration
@@ -79,7 +85,7 @@ def test_full_sft_loss_falls_and_saves_hf_dir(tmp_path, tiny_model_dir, tiny_tok
     from transformers import AutoModelForCausalLM
 
     from toucan.manifest import read_manifest, verify_manifest
-    from toucan.train import train
+    from toucan.commands.train import train
 
     data = write_data(tmp_path / "d.json")
     res = train(tcfg(tiny_model_dir, data, tmp_path / "out", max_steps=30, logging_steps=5))

@@ -3,7 +3,9 @@
 Each test launches this file as a torchrun script (see `worker` below): it trains a tiny model a
 few steps, records what really ran (the wrapper type, ZeRO stage, sharding) and the weights as they
 are in memory at the end (gathered from the shards). The test process, which never trained, then
-reloads the saved directory with from_pretrained and compares it with those weights.
+reloads the saved directory with from_pretrained and compares it with those weights, and compares
+each mode's per-step losses with one process training on the same global batch (2 ranks x 2 rows
+= 1 process x 4 rows), like torchtune's "distributed matches single device" tests.
 """
 
 from __future__ import annotations
@@ -24,14 +26,12 @@ def worker(mode: str, model_dir: str, data: str, out: str, info_path: str) -> No
     from safetensors.torch import save_file
 
     from toucan.cli import setup_logging
-    from toucan.config import TrainConfig
-    from toucan.train import rank, shutdown_distributed, train
+    from toucan.commands.train import train
+    from toucan.training import rank, shutdown_distributed
 
     setup_logging()
-    cfg = TrainConfig(model=model_dir, data=[data], output=out, max_steps=3,
-                      learning_rate=1e-3, logging_steps=1, save_steps=1000, max_len=64,
-                      per_device_train_batch_size=2, warmup_ratio=0.0, lr_scheduler_type="constant",
-                      deepspeed={"zero2": "zero2", "zero3": "zero3"}.get(mode), fsdp=mode == "fsdp")
+    cfg = dist_cfg(model_dir, data, out, per_device_train_batch_size=2,
+                   deepspeed={"zero2": "zero2", "zero3": "zero3"}.get(mode), fsdp=mode == "fsdp")
     info: dict = {}
     if mode == "zero3":
         info.update(zero3_resize_check(cfg))
@@ -62,7 +62,16 @@ def worker(mode: str, model_dir: str, data: str, out: str, info_path: str) -> No
         save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(info_path).with_suffix(".safetensors")))
         Path(info_path).write_text(json.dumps(info))
     torch.distributed.barrier()
-    shutdown_distributed()   # as `toucan train` does: exiting with a live gloo group can SIGABRT (train.py)
+    shutdown_distributed()   # as `toucan train` does: exiting with a live gloo group can SIGABRT (training.py)
+
+
+def dist_cfg(model_dir, data, out, **kw):
+    """The runs compared here: 3 steps at a constant LR, one loss logged per step."""
+    from toucan.config import TrainConfig
+
+    return TrainConfig(model=str(model_dir), data=[str(data)], output=str(out), max_steps=3, learning_rate=1e-3,
+                       logging_steps=1, save_steps=1000, max_len=64, warmup_ratio=0.0,
+                       lr_scheduler_type="constant", **kw)
 
 
 def zero3_resize_check(cfg) -> dict:
@@ -71,14 +80,15 @@ def zero3_resize_check(cfg) -> dict:
     import deepspeed
     import torch
 
-    from toucan.modeling import load_tokenizer
-    from toucan.train import _load_model, resize_embeddings, training_arguments
-
-    args = training_arguments(cfg)   # holds the ZeRO-3 config (a weakref), so from_pretrained loads partitioned
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    from toucan.commands.train import trainer_args
+    from toucan.modeling import load_tokenizer, resize_embeddings
+    from toucan.training import load_model
+
+    args = trainer_args(cfg)   # holds the ZeRO-3 config (a weakref), so from_pretrained loads partitioned
     assert is_deepspeed_zero3_enabled(), args.deepspeed
-    model = _load_model(cfg)
+    model = load_model(cfg.model)
     emb = model.get_input_embeddings().weight
     out = {"partitioned_numel": emb.numel(), "old_rows": model.config.vocab_size}
     n = len(load_tokenizer(cfg.model))
@@ -119,6 +129,16 @@ def failure_report(r: subprocess.CompletedProcess, log_dir: Path) -> str:
             + "\n".join(why[-40:]) + "\n--- stderr tail ---\n" + r.stderr[-4000:])
 
 
+# The single-process losses of the runs below (3 steps, constant LR 1e-3, 24 arithmetic records),
+# pinned: a silent change to the data order, the masking, the loss or the optimizer moves them.
+# Measured with torch 2.13.0 (CPU), transformers 5.24.
+PINNED_LOSSES = [6.93724, 6.56486, 6.35835]
+PINNED_TOL = 1e-4
+# Distributed vs single process: the same math in float32, only the reduction order differs
+# (measured: identical for DDP and ZeRO-2/3, 1e-6 for FSDP2).
+DIST_TOL = 2e-5
+
+
 @pytest.fixture(scope="module")
 def dist_model_dir(tmp_path_factory, tiny_tok):
     """8 embedding rows fewer than its tokenizer: exercises the resize under each mode."""
@@ -127,20 +147,43 @@ def dist_model_dir(tmp_path_factory, tiny_tok):
     return small_vocab_model(tmp_path_factory.mktemp("models") / "dist", tiny_tok, 8, seed=3)
 
 
+@pytest.fixture(scope="module")
+def dist_data(tmp_path_factory):
+    from test_train import write_data
+
+    return write_data(tmp_path_factory.mktemp("data") / "d.json", n=24)
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory, dist_model_dir, dist_data):
+    """One process, the global batch of the 2-rank runs (4 rows) in one step; and the same as 2
+    accumulated micro-batches of 2, which must agree with it."""
+    from toucan.commands.train import train
+
+    out = tmp_path_factory.mktemp("single")
+    runs = [train(dist_cfg(dist_model_dir, dist_data, out / f"b{bs}", per_device_train_batch_size=bs,
+                           gradient_accumulation_steps=gas)).losses for bs, gas in ((4, 1), (2, 2))]
+    assert runs[1] == pytest.approx(runs[0], abs=DIST_TOL), runs
+    return runs[0]
+
+
+def test_single_process_losses_are_pinned(single_process_losses):
+    assert single_process_losses == pytest.approx(PINNED_LOSSES, abs=PINNED_TOL), single_process_losses
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "fsdp"])
-def test_two_process_training_saves_reloadable_model(mode, tmp_path, dist_model_dir, tiny_tok):
+def test_two_process_training_saves_reloadable_model(mode, tmp_path, dist_model_dir, dist_data, tiny_tok,
+                                                     single_process_losses):
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from test_train import write_data
     from toucan.manifest import read_manifest, verify_manifest
 
-    data = write_data(tmp_path / "d.json", n=24)
     out, info_path, ext_dir = tmp_path / "out", tmp_path / "info.json", tmp_path / "torch_extensions"
-    r = run_torchrun(mode, dist_model_dir, data, out, info_path, ext_dir)
+    r = run_torchrun(mode, dist_model_dir, dist_data, out, info_path, ext_dir)
     assert r.returncode == 0, failure_report(r, tmp_path)
     built = sorted(str(p.relative_to(ext_dir)) for p in ext_dir.rglob("*")) if ext_dir.exists() else []
     assert built == [], f"a torch extension was JIT-built during the run (first CPU run: minutes): {built}"
@@ -157,6 +200,8 @@ def test_two_process_training_saves_reloadable_model(mode, tmp_path, dist_model_
         assert info["partitioned_numel"] == 0 and info["added"] == 8
         assert info["rows"] == [len(tiny_tok)] * 2 and info["mean_ok"]
     assert len(info["losses"]) == 3
+    # the same per-step losses as one process on the same global batch
+    assert info["losses"] == pytest.approx(single_process_losses, abs=DIST_TOL), (info["losses"], single_process_losses)
 
     m = read_manifest(out)
     assert m["train"]["world_size"] == 2 and m["train"]["embedding_rows_added"] == 8
@@ -176,16 +221,16 @@ def test_two_process_training_saves_reloadable_model(mode, tmp_path, dist_model_
 @pytest.mark.integration
 def test_train_command_destroys_its_process_group(tmp_path, tiny_model_dir):
     """`toucan train` leaves no live process group behind for interpreter exit, where gloo's
-    threads can abort the process after a good run (see train.shutdown_distributed). A 1-rank
+    threads can abort the process after a good run (see training.shutdown_distributed). A 1-rank
     gloo group stands in for torchrun's: the same object the Trainer then trains under."""
     import torch.distributed as dist
 
     from test_train import tcfg, write_data
-    from toucan.train import run_train
+    from toucan.commands import train
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        assert run_train(tcfg(tiny_model_dir, write_data(tmp_path / "d.json", n=8), tmp_path / "out",
+        assert train.run(tcfg(tiny_model_dir, write_data(tmp_path / "d.json", n=8), tmp_path / "out",
                               max_steps=1)) == 0
         assert not dist.is_initialized()
     finally:

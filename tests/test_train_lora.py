@@ -13,7 +13,7 @@ def test_resize_embeddings_new_rows_are_mean(tiny_tok):
     import torch
 
     from toucan.modeling import tiny_llama
-    from toucan.train import resize_embeddings
+    from toucan.modeling import resize_embeddings
 
     model = tiny_llama(len(tiny_tok) - 7, tokenizer=tiny_tok)
     emb0 = model.model.embed_tokens.weight.detach().clone()
@@ -37,7 +37,7 @@ def test_full_train_resizes_to_tokenizer(tmp_path, small_vocab_model_dir, tiny_t
     from transformers import AutoModelForCausalLM
 
     from toucan.manifest import read_manifest
-    from toucan.train import train
+    from toucan.commands.train import train
 
     data = write_data(tmp_path / "d.json", n=16)
     train(tcfg(small_vocab_model_dir, data, tmp_path / "out", max_steps=2, tokenizer=str(small_vocab_model_dir)))
@@ -54,7 +54,8 @@ def test_lora_train_then_merge_gives_same_logits(tmp_path, small_vocab_model_dir
 
     from toucan.cli import main
     from toucan.manifest import verify_manifest
-    from toucan.train import resize_embeddings, train
+    from toucan.commands.train import train
+    from toucan.modeling import resize_embeddings
 
     data = write_data(tmp_path / "d.json", n=16)
     adapter = tmp_path / "adapter"

@@ -64,7 +64,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_tok, attn):
 def test_train_with_packing(tmp_path, tiny_model_dir):
     from test_train import tcfg, write_data
     from toucan.manifest import read_manifest
-    from toucan.train import train
+    from toucan.commands.train import train
 
     data = write_data(tmp_path / "d.json", n=40)
     res = train(tcfg(tiny_model_dir, data, tmp_path / "out", packing=True, max_steps=8, logging_steps=2,

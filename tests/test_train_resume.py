@@ -30,7 +30,7 @@ def killed_worker(model_dir: str, data: str, out: str) -> None:
     checkpoint-4's files, before the completion marker (user callbacks run before it)."""
     from transformers import TrainerCallback
 
-    from toucan.train import train
+    from toucan.commands.train import train
 
     class KillDuringSave(TrainerCallback):
         def on_save(self, args, state, control, **kw):
@@ -42,7 +42,7 @@ def killed_worker(model_dir: str, data: str, out: str) -> None:
 
 def test_latest_checkpoint_needs_marker_and_files(tmp_path):
     from toucan.fsutil import atomic_write_json
-    from toucan.train import CHECKPOINT_MARKER, checkpoint_complete, latest_checkpoint
+    from toucan.training import CHECKPOINT_MARKER, checkpoint_complete, latest_checkpoint
 
     for step in (2, 4, 6):
         d = tmp_path / f"checkpoint-{step}"
@@ -64,7 +64,8 @@ def test_killed_mid_save_then_auto_resume_matches_uninterrupted(tmp_path, tiny_m
     from safetensors.torch import load_file
 
     from test_train import write_data
-    from toucan.train import CHECKPOINT_MARKER, checkpoint_dir, train
+    from toucan.commands.train import train
+    from toucan.training import CHECKPOINT_MARKER, checkpoint_dir
 
     data = write_data(tmp_path / "d.json", n=24)
     ref = train(resume_cfg(tiny_model_dir, data, tmp_path / "ref"))
@@ -74,7 +75,7 @@ def test_killed_mid_save_then_auto_resume_matches_uninterrupted(tmp_path, tiny_m
     r = subprocess.run([sys.executable, str(HERE), str(tiny_model_dir), str(data), str(out)], capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-    ckpts = checkpoint_dir(resume_cfg(tiny_model_dir, data, out))
+    ckpts = checkpoint_dir(out)
     # the killed save left checkpoint-4 with the Trainer's files but without our marker
     assert (ckpts / "checkpoint-4" / "trainer_state.json").is_file()
     assert not (ckpts / "checkpoint-4" / CHECKPOINT_MARKER).exists()
@@ -102,12 +103,12 @@ def test_killed_mid_save_then_auto_resume_matches_uninterrupted(tmp_path, tiny_m
 
 def test_explicit_incomplete_checkpoint_is_refused(tmp_path):
     from toucan.errors import ConfigError
-    from toucan.train import resolve_resume
+    from toucan.training import resolve_resume
 
     (tmp_path / "checkpoint-3").mkdir()
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        resolve_resume(resume_cfg("m", "d", tmp_path / "o", resume_from_checkpoint=str(tmp_path / "checkpoint-3")))
-    assert resolve_resume(resume_cfg("m", "d", tmp_path / "o", resume_from_checkpoint="auto")) is None
+        resolve_resume(str(tmp_path / "checkpoint-3"), tmp_path / "o")
+    assert resolve_resume("auto", tmp_path / "o") is None
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ log = logging.getLogger("toucan")
 # ("tokenizer extend"). Add a line here when you add a command; nothing else to register.
 COMMANDS: dict[str, tuple[type, str]] = {
     "data": (C.DataConfig, "toucan.commands.data:run"),
-    "train": (C.TrainConfig, "toucan.train:run_train"),
-    "merge-lora": (C.MergeLoraConfig, "toucan.lora:run_merge_lora"),
+    "train": (C.TrainConfig, "toucan.commands.train:run"),
+    "merge-lora": (C.MergeLoraConfig, "toucan.commands.merge_lora:run"),
     "chat": (C.ChatConfig, "toucan.commands.chat:run"),
     "web": (C.WebConfig, "toucan.commands.web:run"),
     "serve": (C.ServeConfig, "toucan.commands.serve:run"),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .config import (ApplyDeltaConfig, DemoConfig, EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig,
                      GenerationOptions, MakeDeltaConfig, QuantizeConfig, TrainConfig)
-from .commands import apply_delta, eval_generate, eval_judge, eval_report, make_delta
+from .commands import apply_delta, eval_generate, eval_judge, eval_report, make_delta, train
 from .demo_tasks import GENERATOR_VERSION, generate
 from .engine import Engine
 from .errors import OutputError
@@ -34,7 +34,7 @@ from .modeling import load_tokenizer, save_model_dir, tiny_llama
 from .prompts import build_prompt, get_template
 from .quant import run_quantize
 from .tokenizer import finish_tokenizer_dir
-from .train import checkpoint_dir, run_train
+from .training import checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,9 @@ def make_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
     settings = {"seed": cfg.seed, "train_examples": cfg.train_examples, "eval_examples": cfg.eval_examples,
                 "families": list(cfg.families), "generator": GENERATOR_VERSION}
     if not _same_settings(d / "settings.json", settings):
-        train, held = generate(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.families)
+        train_recs, held = generate(cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.families)
         with atomic_dir(d, overwrite=True, markers=("settings.json",)) as tmp:  # only a demo data dir
-            for name, recs in (("train.jsonl", train), ("heldout.jsonl", held)):
+            for name, recs in (("train.jsonl", train_recs), ("heldout.jsonl", held)):
                 (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
                                         encoding="utf-8")
             (tmp / "settings.json").write_text(json.dumps(settings))
@@ -255,7 +255,7 @@ def _drop_stale_checkpoints(tcfg: TrainConfig, base_settings: dict) -> None:
     made for this same model and these same settings: others are removed first."""
     import shutil
 
-    ckpt = checkpoint_dir(tcfg)
+    ckpt = checkpoint_dir(tcfg.output)
     stamp = ckpt.with_name(ckpt.name + ".settings.json")
     settings = {"train": json.loads(json.dumps(dataclasses.asdict(tcfg))), "base": base_settings}
     if ckpt.exists() and not _same_settings(stamp, settings):
@@ -290,7 +290,7 @@ def _sft(cfg: DemoConfig, base: Path, train_file: Path, out: Path) -> tuple[Path
     sft = Path(tcfg.output)
     if not _trained_with(sft, tcfg):
         _drop_stale_checkpoints(tcfg, _manifest(base)["demo"])
-        run_train(tcfg)
+        train.run(tcfg)
     else:
         log.info("demo: reusing %s (trained with these settings)", sft)
     return sft, [h["loss"] for h in _manifest(sft)["train"]["log_history"] if "loss" in h]

@@ -1,11 +1,13 @@
-"""`toucan train`: supervised fine-tuning (full or LoRA) with the Hugging Face Trainer.
+"""Supervised fine-tuning (full or LoRA) with the Hugging Face Trainer: the library behind
+`toucan train` (toucan.commands.train), bench/train.py and bench/quant.py.
 
-One code path for a laptop CPU and a multi-GPU node: the same function runs alone, under
+One code path for a laptop CPU and a multi-GPU node: the same function (`fit`) runs alone, under
 `torchrun --nproc_per_node=N` (DDP), with DeepSpeed ZeRO-2/3 (`--deepspeed zero3`, configs shipped
 in toucan/configs), or sharded with FSDP (`--fsdp`).
 
     records (toucan.data) -> encode_record (prompt masked, response + EOS kept) -> [pack]
-      -> SFTCollator (right-pad: input_ids with pad id, labels with -100) -> Trainer -> save_model_dir
+      -> SFTCollator (right-pad: input_ids with pad id, labels with -100) -> Trainer
+      -> TrainResult.saveable -> save_model_dir (by the caller, rank 0)
 
 Layout of an output: `--output OUT` is a standard Hugging Face model directory (safetensors,
 tokenizer, config, toucan.json manifest), written atomically at the end. Trainer checkpoints go to
@@ -15,6 +17,9 @@ tokenizer, config, toucan.json manifest), written atomically at the end. Trainer
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -24,15 +29,12 @@ from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
-from .config import TrainConfig
 from .collate import PackedCollator, SFTCollator, pack_examples, response_loss
 from .data import IGNORE_INDEX, encode_records, load_dataset_spec, parse_spec
 from .errors import ConfigError, DataError
-from .fsutil import atomic_write_json, check_output
-from .lora import apply_lora
+from .fsutil import atomic_write_json
 # resize_embeddings is also what LoRA adapters load with (modeling.load_adapter)
-from .modeling import (check_model_dir, check_remote_code, load_error, load_errors, load_tokenizer,
-                       resize_embeddings, save_model_dir)
+from .modeling import check_model_dir, check_remote_code, load_error, load_errors, resize_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,9 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def checkpoint_dir(cfg: TrainConfig) -> Path:
-    return Path(str(cfg.output).rstrip("/") + "-checkpoints")
+def checkpoint_dir(output: str | os.PathLike) -> Path:
+    """Where the Trainer's checkpoints of a run writing `output` go: a sibling, OUTPUT-checkpoints/."""
+    return Path(str(output).rstrip("/") + "-checkpoints")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,34 +83,22 @@ def data_files(specs: Sequence[str]) -> list[str]:
     return [parse_spec(s)[0] for s in specs]
 
 
-def _inputs(cfg: TrainConfig) -> list:
-    """What --output must never replace or contain (fsutil.check_output)."""
-    return [cfg.model, cfg.tokenizer, *data_files(cfg.data),
-            cfg.resume_from_checkpoint if cfg.resume_from_checkpoint not in (None, "auto") else None]
-
-
-def load_examples(cfg: TrainConfig, tokenizer) -> list[dict]:
-    """Records from every --data file (sampling, dedup, seeded shuffle: toucan.data), tokenized by
+def load_examples(specs: Sequence[str], tokenizer, *, max_len: int, template: str, seed: int,
+                  skip_bad: bool = False) -> list[dict]:
+    """Records from every data spec (sampling, dedup, seeded shuffle: toucan.data), tokenized by
     toucan.data's rule (prompt masked, response + EOS kept)."""
-    records, _ = load_dataset_spec(list(cfg.data), seed=cfg.seed, skip_bad=cfg.skip_bad)
-    _, encoded, rep = encode_records(tokenizer, records, cfg.max_len, cfg.template)
+    records, _ = load_dataset_spec(list(specs), seed=seed, skip_bad=skip_bad)
+    _, encoded, rep = encode_records(tokenizer, records, max_len, template)
     if rep.truncated or rep.dropped_no_room or rep.dropped_short:
-        log.info("%d example(s) truncated to %d tokens, %d dropped", rep.truncated, cfg.max_len,
+        log.info("%d example(s) truncated to %d tokens, %d dropped", rep.truncated, max_len,
                  rep.dropped_no_room + rep.dropped_short)
     if not encoded:
-        raise DataError(f"no usable training examples (max length {cfg.max_len})",
-                        file=", ".join(cfg.data))
+        raise DataError(f"no usable training examples (max length {max_len})", file=", ".join(specs))
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 
 
 # ----------------------------------------------------------------------------------------------
 # Trainer arguments
-
-# TrainConfig fields that are TrainingArguments fields under the same name.
-_TA_FIELDS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-              "learning_rate", "weight_decay", "lr_scheduler_type", "logging_steps", "save_steps",
-              "save_total_limit", "seed", "bf16", "fp16", "tf32", "report_to")
-
 
 def resolve_deepspeed(spec: str | None) -> str | None:
     """A DeepSpeed config path: a JSON file, or the name of a shipped config (zero3, zero3_offload...)."""
@@ -133,7 +124,7 @@ def _skip_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _cpu_distributed(values: dict, extra_args: Sequence[str]) -> None:
+def _cpu_distributed(values: dict, extra: dict) -> None:
     """Make torchrun on CPUs really distributed (transformers 5.24 / accelerate 1.15, probed):
     - plain: without use_cpu, TrainingArguments on a GPU-less machine sets up DistributedType.NO
       with world_size 1, so each process silently trains its own copy; use_cpu gives MULTI_CPU
@@ -152,49 +143,65 @@ def _cpu_distributed(values: dict, extra_args: Sequence[str]) -> None:
         PartialState(backend="gloo")
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    if "--accelerator_config" not in extra_args:
-        values["accelerator_config"] = '{"use_configured_state": true}'
+    if "accelerator_config" not in extra:
+        values["accelerator_config"] = {"use_configured_state": True}
 
 
-def training_arguments(cfg: TrainConfig, **overrides: Any):
-    """TrainingArguments from the config plus the pass-through flags (`extra_args`), parsed by
-    HfArgumentParser so every Trainer flag works exactly as in the original scripts."""
+_UNSET = object()
+
+
+def parse_trainer_flags(flags: Sequence[str]) -> dict[str, Any]:
+    """{field: value} of HF TrainingArguments command-line flags (`--max_grad_norm 0.5 ...`), parsed
+    by transformers' own HfArgumentParser so every Trainer flag works exactly as in the original
+    scripts. Only the flags given are returned: every field starts as a marker that argparse leaves
+    alone (it fills in defaults only for attributes the namespace lacks)."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    values: dict[str, Any] = {k: getattr(cfg, k) for k in _TA_FIELDS}
-    values.update(
-        output_dir=str(checkpoint_dir(cfg)),
-        warmup_steps=cfg.warmup_ratio,       # transformers 5: a value < 1 is a fraction of the steps
+    if not flags:
+        return {}
+    # exit_on_error=False: a bad value raises ArgumentError instead of exiting the process
+    parser = HfArgumentParser(TrainingArguments, exit_on_error=False)
+    names = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    try:
+        ns, unknown = parser.parse_known_args(list(flags), namespace=argparse.Namespace(**dict.fromkeys(names, _UNSET)))
+    except argparse.ArgumentError as e:
+        raise ConfigError(f"invalid Trainer flag: {e}") from None
+    if unknown:
+        raise ConfigError(f"invalid Trainer flag(s): {' '.join(unknown)} (not a TrainingArguments field)")
+    return {k: v for k, v in vars(ns).items() if v is not _UNSET}
+
+
+def training_arguments(output_dir: str | os.PathLike, *, deepspeed: str | None = None, fsdp: bool = False,
+                       gradient_checkpointing: bool = False, extra_args: Sequence[str] = (), **trainer_args: Any):
+    """TrainingArguments for `fit`: `trainer_args` are TrainingArguments fields (learning_rate,
+    max_steps, ...); `extra_args` further Trainer flags as on a command line (parse_trainer_flags),
+    which win. deepspeed: a JSON file or a shipped config's name; fsdp: shard (see fit)."""
+    from transformers import TrainingArguments
+
+    values: dict[str, Any] = dict(
+        output_dir=str(output_dir),
         save_strategy="steps",
         logging_strategy="steps",
-        deepspeed=resolve_deepspeed(cfg.deepspeed),
+        deepspeed=resolve_deepspeed(deepspeed),
         remove_unused_columns=False,         # our dataset is already exactly the model's inputs
         dataloader_num_workers=0,
         dataloader_pin_memory=_cuda_available(),
         disable_tqdm=rank() != 0,
         # transformers 5 renamed gradient_checkpointing; only pass it when asked (no warning otherwise)
-        activation_checkpointing=True if cfg.gradient_checkpointing else None,
+        activation_checkpointing=True if gradient_checkpointing else None,
     )
-    if cfg.fsdp and _cuda_available():
+    values.update(trainer_args)
+    if fsdp and _cuda_available():
         # on GPUs the Trainer's own FSDP2 shards for real (on CPU see train_fsdp_cpu)
-        values.update(fsdp="full_shard auto_wrap",
-                      fsdp_config='{"version": 2, "state_dict_type": "FULL_STATE_DICT"}')
-    values.update(overrides)
+        values.update(fsdp="full_shard auto_wrap", fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"})
+    extra = parse_trainer_flags(extra_args)
     if world_size() > 1 and not _cuda_available():
-        _cpu_distributed(values, cfg.extra_args)
-    argv: list[str] = []
-    for k, v in values.items():
-        if v is None:
-            continue
-        argv += [f"--{k}", str(v)]
-    parser = HfArgumentParser(TrainingArguments)
+        _cpu_distributed(values, extra)
+    values.update(extra)
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv + list(cfg.extra_args))
-    except SystemExit:
-        raise ConfigError(f"invalid Trainer flag(s) among: {' '.join(cfg.extra_args)}") from None
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return args
+        return TrainingArguments(**{k: v for k, v in values.items() if v is not None})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid Trainer arguments: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +230,6 @@ class CheckpointMarker(TrainerCallback):
 
 
 def checkpoint_complete(path: str | os.PathLike) -> bool:
-    import json
-
     marker = Path(path) / CHECKPOINT_MARKER
     try:
         files = json.loads(marker.read_text())["files"]
@@ -248,13 +253,14 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return None
 
 
-def resolve_resume(cfg: TrainConfig) -> str | None:
-    r = cfg.resume_from_checkpoint
+def resolve_resume(r: str | None, output: str | os.PathLike) -> str | None:
+    """The checkpoint to resume the run writing `output` from: `r` itself (checked complete), or
+    for "auto" the latest complete one in checkpoint_dir(output), or None."""
     if not r:
         return None
     if r == "auto":
-        found = latest_checkpoint(checkpoint_dir(cfg))
-        log.info("resume: %s", found or f"no complete checkpoint in {checkpoint_dir(cfg)}, starting fresh")
+        found = latest_checkpoint(checkpoint_dir(output))
+        log.info("resume: %s", found or f"no complete checkpoint in {checkpoint_dir(output)}, starting fresh")
         return str(found) if found else None
     if not checkpoint_complete(r):
         raise ConfigError(f"--resume_from_checkpoint {r}: not a complete checkpoint (no valid {CHECKPOINT_MARKER})")
@@ -266,32 +272,42 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
 
 @dataclass
 class TrainResult:
-    output: Path
     log_history: list[dict] = field(default_factory=list)
     global_step: int = 0
     train_examples: int = 0
+    train_rows: int = 0                                # rows trained on: examples, or packed rows
     model: Any = field(default=None, repr=False)     # the trained (possibly wrapped/sharded) model
     trainer: Any = field(default=None, repr=False)   # the HF Trainer (None on the FSDP-on-CPU path)
+    saveable: Any = field(default=None, repr=False)  # what save_model_dir writes: full weights on every rank
 
     @property
     def losses(self) -> list[float]:
         return [h["loss"] for h in self.log_history if "loss" in h]
 
 
-def _load_model(cfg: TrainConfig):
+def load_model(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The model to fine-tune, in fp32. Load it after training_arguments: with ZeRO-3 the
+    TrainingArguments make from_pretrained load it partitioned."""
     import torch
     from transformers import AutoModelForCausalLM
 
-
-    check_model_dir(cfg.model)
-    check_remote_code(cfg.model, cfg.trust_remote_code)
+    check_model_dir(path)
+    check_remote_code(path, trust_remote_code)
     # fp32 master weights: mixed precision (--bf16/--fp16) is the Trainer's job, and fp32 is the
     # fast path on CPUs without AMX.
     try:
-        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                    trust_remote_code=cfg.trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except load_errors() as e:
-        raise load_error(cfg.model, e) from None
+        raise load_error(path, e) from None
+
+
+def prepare_model(model, tokenizer) -> int:
+    """Ready a loaded model for training on `tokenizer`: embeddings and head grown to its vocabulary
+    (exact-mean rows), its pad id, no KV cache. Returns the embedding rows added."""
+    model.config.use_cache = False
+    added = resize_embeddings(model, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return added
 
 
 class _StateDictSaver:
@@ -305,91 +321,71 @@ class _StateDictSaver:
         self.model.save_pretrained(path, state_dict=self.state_dict, **kw)
 
 
-def _final_state_dict(trainer):
-    """Full weights for saving, gathered on every rank (a collective under ZeRO-3); None when the
-    unwrapped model already holds them."""
+def _trainer_saveable(trainer):
+    """The trained model for save_model_dir. Under ZeRO-3/FSDP the full weights are gathered on
+    every rank (a collective: every rank calls this)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_deepspeed_enabled:
-        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+        return _StateDictSaver(model, trainer.accelerator.get_state_dict(trainer.deepspeed))
     if trainer.is_fsdp_enabled:
-        return trainer.accelerator.get_state_dict(trainer.model)
-    return None
+        return _StateDictSaver(model, trainer.accelerator.get_state_dict(trainer.model))
+    return model
 
 
-def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Fine-tune and save; returns the loss history. Every rank calls this under torchrun.
-    `callbacks`: extra transformers TrainerCallbacks (Python API)."""
-    import torch
-    from transformers import Trainer, set_seed
+def fit(model, tokenizer, examples: list[dict], args, *, packing: bool = False, max_len: int | None = None,
+        fsdp: bool = False, resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train `model` (prepare_model'd, possibly LoRA-wrapped) on tokenized `examples` with the
+    TrainingArguments `args` (training_arguments). Every rank calls this under torchrun.
 
-
-    if cfg.model is None or cfg.output is None or not cfg.data:
-        raise ConfigError("--model, --data and --output are required")
-    # Before hours of training: an output that could not be written at the end is refused now.
-    check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg))
-    check_model_dir(cfg.model)  # a wrong --model is named as such, not as a missing tokenizer
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-    examples = load_examples(cfg, tokenizer)
-    log.info("%d training examples, %d tokens", len(examples), sum(len(e["input_ids"]) for e in examples))
-
-    # TrainingArguments before the model: with ZeRO-3 this makes from_pretrained load partitioned.
-    args = training_arguments(cfg)
-    model = _load_model(cfg)
-    model.config.use_cache = False
-    added = resize_embeddings(model, len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.finetuning_type == "lora":
-
-        model = apply_lora(model, cfg)
+    packing: join examples into `max_len`-token rows (no cross-example attention, LM head only where
+    a label follows). fsdp: shard with FSDP (pass the same to training_arguments); on CPU this runs
+    train_fsdp_cpu, as the Trainer cannot. resume: a checkpoint (resolve_resume). callbacks: extra
+    TrainerCallbacks, e.g. a benchmark's clock. The result's `saveable` holds the full weights."""
+    from transformers import Trainer
 
     collator = SFTCollator(tokenizer.pad_token_id)
     n_examples = len(examples)
-    if cfg.packing:
-        examples = pack_examples(examples, cfg.max_len)
+    if packing:
+        examples = pack_examples(examples, max_len)
         collator = PackedCollator(tokenizer.pad_token_id, one_row=True)
-        fill = sum(len(r["input_ids"]) for r in examples) / (len(examples) * cfg.max_len)
+        fill = sum(len(r["input_ids"]) for r in examples) / (len(examples) * max_len)
         log.info("packed %d examples into %d rows of %d tokens (%.1f%% full)", n_examples, len(examples),
-                 cfg.max_len, 100 * fill)
-    if cfg.fsdp and not _cuda_available():
-        result, state_dict, saved_model = train_fsdp_cpu(cfg, model, examples, collator, args)
+                 max_len, 100 * fill)
+    if fsdp and not _cuda_available():
+        if resume:
+            raise ConfigError("--resume_from_checkpoint is not available with --fsdp on CPU (use DDP or DeepSpeed)")
+        result = train_fsdp_cpu(model, examples, collator, args, packed=packing)
     else:
         trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator,
                           processing_class=tokenizer, callbacks=[*callbacks, CheckpointMarker()],
-                          compute_loss_func=response_loss if cfg.packing else None)
-        trainer.train(resume_from_checkpoint=resolve_resume(cfg))
-        result = TrainResult(Path(cfg.output), list(trainer.state.log_history), trainer.state.global_step,
-                             model=trainer.model_wrapped, trainer=trainer)
-        state_dict = _final_state_dict(trainer)
-        saved_model = trainer.accelerator.unwrap_model(trainer.model)
-    result.train_examples = n_examples
+                          compute_loss_func=response_loss if packing else None)
+        trainer.train(resume_from_checkpoint=resume)
+        result = TrainResult(list(trainer.state.log_history), trainer.state.global_step,
+                             model=trainer.model_wrapped, trainer=trainer, saveable=_trainer_saveable(trainer))
+    result.train_examples, result.train_rows = n_examples, len(examples)
     log.info("training done: %d steps, last loss %s", result.global_step, result.losses[-1:] or "n/a")
-
-    if rank() == 0:
-        saveable = saved_model if state_dict is None else _StateDictSaver(saved_model, state_dict)
-        save_model_dir(cfg.output, saveable, tokenizer, command="train", config=cfg,
-                       inputs=data_files(cfg.data), overwrite=cfg.overwrite, guard_inputs=_inputs(cfg),
-                       manifest_extra={"train": {"global_step": result.global_step,
-                                                 "examples": n_examples,
-                                                 "packed_rows": len(examples) if cfg.packing else None,
-                                                 "world_size": world_size(),
-                                                 "embedding_rows_added": added,
-                                                 "finetuning_type": cfg.finetuning_type,
-                                                 "log_history": result.log_history}})
-        log.info("saved %s", cfg.output)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
     return result
 
 
-def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args):
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed): rank 0 saves, the others wait for it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def train_fsdp_cpu(model, examples: list[dict], collator, args, packed: bool = False) -> TrainResult:
     """FSDP on CPU: shard with torch FSDP2 `fully_shard` over gloo and run a plain loop.
 
     Hand-written because nothing maintained does this: the HF Trainer (through accelerate) enables
-    FSDP only on GPU-like devices and silently runs DDP for --fsdp on CPU. The loop keeps the
-    Trainer's semantics: a seeded shuffled sampler per epoch, gradient accumulation, AdamW with the
-    same schedule and warm-up, gradient clipping, per-token mean loss, logging every
-    --logging_steps. It has no mid-run checkpoints (resume is a Trainer-path feature); on GPUs
-    --fsdp goes through the Trainer. Returns (result, full state dict on every rank, model)."""
+    FSDP only on GPU-like devices and silently runs DDP for --fsdp on CPU. It shares the Trainer
+    path's collator, loss (the model's per-token mean, or response_loss for packed rows) and saving
+    (TrainResult.saveable), and keeps the Trainer's semantics from the same TrainingArguments: a
+    seeded shuffled sampler per epoch, gradient accumulation, AdamW with the same schedule and
+    warm-up, gradient clipping, per-token mean loss over the whole optimizer step, logging every
+    logging_steps. It has no mid-run checkpoints (resume is a Trainer-path feature); on GPUs --fsdp
+    goes through the Trainer. tests/test_train_distributed.py checks its losses against one process."""
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -398,8 +394,6 @@ def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    if cfg.resume_from_checkpoint:
-        raise ConfigError("--resume_from_checkpoint is not available with --fsdp on CPU (use DDP or DeepSpeed)")
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -407,16 +401,16 @@ def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args
         fully_shard(layer)
     fully_shard(model)
 
-    sampler = DistributedSampler(examples, shuffle=True, seed=cfg.seed, drop_last=False)
-    loader = DataLoader(examples, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
+    sampler = DistributedSampler(examples, shuffle=True, seed=args.seed, drop_last=False)
+    loader = DataLoader(examples, batch_size=args.per_device_train_batch_size, sampler=sampler,
                         collate_fn=collator)
-    gas = cfg.gradient_accumulation_steps
+    gas = args.gradient_accumulation_steps
     per_epoch = max(1, len(loader) // gas)
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(per_epoch * cfg.num_train_epochs)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                            weight_decay=cfg.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+    total = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                            weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
                             eps=args.adam_epsilon)
-    sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(total),
+    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(total),
                           num_training_steps=total)
     history: list[dict] = []
     model.train()
@@ -434,7 +428,7 @@ def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args
             dist.all_reduce(n_tokens)
             step_loss = torch.zeros(())
             for b in micro:
-                if "logits_to_keep" in b:
+                if packed:
                     labels = b.pop("labels")
                     loss = response_loss(model(**b), labels, n_tokens)
                 else:
@@ -449,7 +443,7 @@ def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args
             bar.update(1)
             dist.all_reduce(step_loss)
             window.append(step_loss.item())
-            if step % cfg.logging_steps == 0 or step == total:
+            if step % args.logging_steps == 0 or step == total:
                 history.append({"loss": sum(window) / len(window), "grad_norm": float(grad_norm.full_tensor()
                                 if hasattr(grad_norm, "full_tensor") else grad_norm),
                                 "learning_rate": sched.get_last_lr()[0], "epoch": epoch, "step": step})
@@ -458,13 +452,4 @@ def train_fsdp_cpu(cfg: TrainConfig, model, examples: list[dict], collator, args
         epoch += 1
     bar.close()
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return TrainResult(Path(cfg.output), history, step, model=model), state_dict, model
-
-
-def run_train(cfg: TrainConfig) -> int:
-    """`toucan train`; Python callers can use `train(cfg)` to get the loss history back."""
-    try:
-        train(cfg)
-    finally:
-        shutdown_distributed()
-    return 0
+    return TrainResult(history, step, model=model, saveable=_StateDictSaver(model, state_dict))

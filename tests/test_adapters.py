@@ -138,10 +138,10 @@ def test_quantize_merges_an_adapter_first(trained, tmp_path, caplog):
     assert any(f.startswith(str((trained / "base").resolve())) for f in inputs), inputs
     assert not list(tmp_path.glob(".toucan-merged-*"))  # the temporary merged copy is gone
     # 8-bit RTN of the merged model answers like the merged model
-    from toucan.config import GenerationOptions
     from toucan.engine import Engine
+    from toucan.sampling import SamplingParams
 
-    opts = GenerationOptions(max_new_tokens=24, temperature=0, do_sample=False, repetition_penalty=1.0)
+    opts = SamplingParams(max_new_tokens=24, temperature=0, do_sample=False, repetition_penalty=1.0)
     ask = lambda e: e.generate(e.chat_prompt([], "你好", 24)[0], opts).text  # noqa: E731
     assert ask(Engine.from_dir(out, device="cpu")) == ask(Engine.from_dir(trained / "merged", device="cpu"))
 

@@ -51,13 +51,14 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     # Before hours of training: an output that could not be written at the end is refused now.
     check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg))
     check_model_dir(cfg.model)  # a wrong --model is named as such, not as a missing tokenizer
+    # Before the data (a bad pass-through flag fails at once) and before the model (with ZeRO-3,
+    # TrainingArguments make from_pretrained load it partitioned).
+    args = trainer_args(cfg)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     examples = load_examples(cfg.data, tokenizer, max_len=cfg.max_len, template=cfg.template, seed=cfg.seed,
                              skip_bad=cfg.skip_bad)
     log.info("%d training examples, %d tokens", len(examples), sum(len(e["input_ids"]) for e in examples))
-
-    args = trainer_args(cfg)  # before the model: with ZeRO-3 this makes from_pretrained load partitioned
     model = load_model(cfg.model, cfg.trust_remote_code)
     added = prepare_model(model, tokenizer)
     if cfg.finetuning_type == "lora":

@@ -41,14 +41,15 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import quant  # noqa: E402  (bench/quant.py: its data split and trained model)
-from toucan.config import GenerationOptions, QuantizeConfig  # noqa: E402
+from toucan.config import QuantizeConfig  # noqa: E402
 from toucan.data import encode_prompt  # noqa: E402
 from toucan.engine import Engine  # noqa: E402
 from toucan.gguf_export import export_gguf  # noqa: E402
 from toucan.modeling import load_model, load_tokenizer, save_model_dir, tiny_llama  # noqa: E402
 from toucan.ppl import evaluate, load_sequences  # noqa: E402
 from toucan.prompts import build_prompt  # noqa: E402
-from toucan.quant import run_quantize  # noqa: E402
+from toucan.sampling import SamplingParams  # noqa: E402
+from toucan.commands.quantize import run as run_quantize  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
@@ -100,8 +101,8 @@ def gguf_tok_s(path: Path, new_tokens: int, repeats: int, threads: int) -> float
 
     def run(n):
         eng.llm.n_tokens = 0  # no KV-cache reuse between runs: every run evaluates the prompt, as HF does
-        c = eng.generate(PROMPT, GenerationOptions(max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                   temperature=0.0, repetition_penalty=1.0))
+        c = eng.generate(PROMPT, SamplingParams(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                temperature=0.0, repetition_penalty=1.0))
         assert c.completion_tokens == n
 
     return median_tok_s(run, new_tokens, repeats)

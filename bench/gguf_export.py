@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +40,7 @@ from toucan.config import QuantizeConfig  # noqa: E402
 from toucan.gguf_export import export_gguf  # noqa: E402
 from toucan.modeling import load_model, load_tokenizer  # noqa: E402
 from toucan.ppl import load_sequences  # noqa: E402
-from toucan.quant import run_quantize  # noqa: E402
+from toucan.commands.quantize import run as run_quantize  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

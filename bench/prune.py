@@ -34,7 +34,7 @@ from toucan.modeling import load_model, load_tokenizer  # noqa: E402
 from toucan.ppl import evaluate, load_sequences  # noqa: E402
 from toucan.commands.prune import run as run_prune  # noqa: E402
 from toucan.prune import iter_decoder_weights, measure_sparsity  # noqa: E402
-from toucan.quant import run_quantize  # noqa: E402
+from toucan.commands.quantize import run as run_quantize  # noqa: E402
 
 
 def bench_quant():

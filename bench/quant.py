@@ -48,7 +48,7 @@ from toucan.modeling import load_model, load_tokenizer, save_model_dir, tiny_lla
 from toucan.ppl import evaluate, load_sequences  # noqa: E402
 from toucan.prompts import build_prompt  # noqa: E402
 from toucan.training import fit, prepare_model, training_arguments  # noqa: E402
-from toucan.quant import run_quantize  # noqa: E402
+from toucan.commands.quantize import run as run_quantize  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 TOKENIZER = ROOT / "tests" / "fixtures" / "tiny_tokenizer"

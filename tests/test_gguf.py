@@ -242,16 +242,16 @@ def test_gptq_sym_g32_exports_to_q4_0_bit_exactly(tiny_model_dir, tmp_path, tiny
     import gguf
     import torch
 
+    from toucan.commands import quantize as quantize_command
     from toucan.config import QuantizeConfig
     from toucan.gguf_export import gptq_dequantize, read_source
-    from toucan.quant import run_quantize
 
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"instruction": f"计算 {a} 加 {a + 1}", "output": str(2 * a + 1)},
                                           ensure_ascii=False) for a in range(32)))
     q = tmp_path / "gptq"
-    assert run_quantize(QuantizeConfig(model=str(tiny_model_dir), output=str(q), bits=4, group_size=32, sym=True,
-                                       data=str(calib), calib_samples=32, max_len=64)) == 0  # act-order: default
+    assert quantize_command.run(QuantizeConfig(model=str(tiny_model_dir), output=str(q), bits=4, group_size=32, sym=True,
+                                               data=str(calib), calib_samples=32, max_len=64)) == 0  # act-order: default
     assert json.loads((q / "tokenizer_config.json").read_text())["chat_template"] == chat_template()
     f = tmp_path / "gptq-q4_0.gguf"
     m = export_gguf(q, f, "q4_0")
@@ -449,12 +449,12 @@ def test_other_gptq_layouts_are_requantized_with_a_warning(tiny_model_dir, tmp_p
     per layer, and the manifest says so for each tensor; llama.cpp still runs it close to the model."""
     import logging
 
+    from toucan.commands import quantize as quantize_command
     from toucan.config import QuantizeConfig
-    from toucan.quant import run_quantize
 
     q = tmp_path / "rtn-asym"
-    assert run_quantize(QuantizeConfig(model=str(tiny_model_dir), output=str(q), method="rtn", bits=4,
-                                       group_size=32, sym=False, asym=True)) == 0
+    assert quantize_command.run(QuantizeConfig(model=str(tiny_model_dir), output=str(q), method="rtn", bits=4,
+                                               group_size=32, sym=False, asym=True)) == 0
     f = tmp_path / "asym-q4_0.gguf"
     with caplog.at_level(logging.WARNING, logger="toucan.gguf_export"):
         m = export_gguf(q, f, "q4_0")

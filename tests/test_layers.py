@@ -99,16 +99,7 @@ KNOWN_UNFINISHED = {
                        'quantize_4bit: takes cfg',
                        'run_demo: print()',
                        'run_demo: takes cfg',
-                       'train_config: takes cfg'],
-    'toucan.quant.gptq': [   '_calibration: takes cfg',
-                             '_inputs: takes cfg',
-                             '_plan: takes cfg',
-                             '_quantize: takes cfg',
-                             '_quantize_dir: print()',
-                             '_quantize_dir: takes cfg',
-                             '_sparsity_plan: takes cfg',
-                             'run_quantize: takes cfg',
-                             'validate: takes cfg']}
+                       'train_config: takes cfg']}
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=[_name(p) for p in LIBRARY])

@@ -18,7 +18,6 @@ import pytest
 from conftest import TINY_TOKENIZER, free_port
 from test_engine import REPLY, save_parrot
 from toucan import cli
-from toucan.config import GenerationOptions
 from toucan.data import encode_prompt
 from toucan.demo import exact_match
 from toucan.engine import Engine, LlamaCppEngine
@@ -26,6 +25,7 @@ from toucan.errors import ConfigError, ModelError
 from toucan.gguf_export import export_gguf
 from toucan.modeling import load_tokenizer
 from toucan.prompts import build_prompt
+from toucan.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -72,7 +72,7 @@ def test_gguf_path_picks_llama_cpp_and_prompt_ids_equal_toucans(gg, tiny_tok):
 
 def test_gguf_greedy_stream_equals_completion_and_hf(gg, hf):
     prompt = gg.chat_prompt([], "你好", 32)[0]
-    opts = GenerationOptions(max_new_tokens=32, **GREEDY)
+    opts = SamplingParams(max_new_tokens=32, **GREEDY)
     s = gg.stream(prompt, opts)
     deltas = list(s)
     assert "".join(deltas) == s.completion.text == REPLY and len(deltas) >= 4
@@ -82,34 +82,34 @@ def test_gguf_greedy_stream_equals_completion_and_hf(gg, hf):
     # options with the same meaning as transformers': repetition penalty over prompt + reply, min tokens
     for kw in (dict(repetition_penalty=1.5), dict(min_new_tokens=20, max_new_tokens=24),
                dict(repetition_penalty=1.3, min_new_tokens=16)):
-        o = GenerationOptions(**{**opts.__dict__, **kw})
+        o = SamplingParams(**{**opts.__dict__, **kw})
         assert gg.generate(prompt, o) == hf.generate(prompt, o), kw
-    assert gg.generate(prompt, GenerationOptions(min_new_tokens=20, max_new_tokens=24, **GREEDY)).completion_tokens >= 20
+    assert gg.generate(prompt, SamplingParams(min_new_tokens=20, max_new_tokens=24, **GREEDY)).completion_tokens >= 20
 
 
 def test_gguf_stop_strings_held_back_and_released(gg):
     prompt = gg.chat_prompt([], "你好", 32)[0]
     for stop, want in (("很好", "鳕鱼"), ("吃。", "鳕鱼很好")):
-        s = gg.stream(prompt, GenerationOptions(max_new_tokens=32, stop=[stop], **GREEDY))
+        s = gg.stream(prompt, SamplingParams(max_new_tokens=32, stop=[stop], **GREEDY))
         deltas = list(s)
         assert "".join(deltas) == want == s.completion.text and s.completion.finish_reason == "stop"
-    s = gg.stream(prompt, GenerationOptions(max_new_tokens=32, stop=["好X"], **GREEDY))
+    s = gg.stream(prompt, SamplingParams(max_new_tokens=32, stop=["好X"], **GREEDY))
     assert "".join(s) == REPLY  # "好" held back one step, then released
-    c = gg.generate(prompt, GenerationOptions(max_new_tokens=3, **GREEDY))
+    c = gg.generate(prompt, SamplingParams(max_new_tokens=3, **GREEDY))
     assert c.finish_reason == "length" and c.completion_tokens == 3 and REPLY.startswith(c.text)
 
 
 def test_gguf_sampling_options(gg):
     prompt = gg.chat_prompt([], "问点别的", 32)[0]  # not the trained question: a spread-out distribution
     hot = dict(temperature=1.5, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=12)
-    seeded = [gg.generate(prompt, GenerationOptions(seed=s, **hot)).text for s in (1, 2, 3, 1)]
+    seeded = [gg.generate(prompt, SamplingParams(seed=s, **hot)).text for s in (1, 2, 3, 1)]
     assert seeded[0] == seeded[3] and len(set(seeded)) > 1  # a seed repeats, other seeds differ
-    greedy = gg.generate(prompt, GenerationOptions(max_new_tokens=12, **GREEDY)).text
-    assert gg.generate(prompt, GenerationOptions(**{**hot, "top_k": 1}, seed=5)).text == greedy
-    assert gg.generate(prompt, GenerationOptions(**{**hot, "top_p": 1e-6}, seed=5)).text == greedy
-    assert gg.generate(prompt, GenerationOptions(max_new_tokens=12, do_sample=False, temperature=1.5)).text == greedy
+    greedy = gg.generate(prompt, SamplingParams(max_new_tokens=12, **GREEDY)).text
+    assert gg.generate(prompt, SamplingParams(**{**hot, "top_k": 1}, seed=5)).text == greedy
+    assert gg.generate(prompt, SamplingParams(**{**hot, "top_p": 1e-6}, seed=5)).text == greedy
+    assert gg.generate(prompt, SamplingParams(max_new_tokens=12, do_sample=False, temperature=1.5)).text == greedy
     with pytest.raises(ConfigError, match="beam"):
-        gg.generate(prompt, GenerationOptions(num_beams=2, **GREEDY))
+        gg.generate(prompt, SamplingParams(num_beams=2, **GREEDY))
 
 
 def test_gguf_history_truncated_to_n_ctx(parrot_gguf):
@@ -119,13 +119,13 @@ def test_gguf_history_truncated_to_n_ctx(parrot_gguf):
     prompt, kept = eng.chat_prompt(history, "你好", 32)
     assert 0 < len(kept) < len(history) and kept == history[-len(kept):]
     assert eng.count_tokens(prompt) + 32 <= 128
-    c = eng.generate(prompt, GenerationOptions(max_new_tokens=32, **GREEDY))
+    c = eng.generate(prompt, SamplingParams(max_new_tokens=32, **GREEDY))
     assert c.prompt_tokens + c.completion_tokens <= 128
 
 
 def test_gguf_cancel_and_concurrent_requests_queue(gg, hf):
     prompt = gg.chat_prompt([], "你好", 400)[0]
-    long = GenerationOptions(max_new_tokens=400, min_new_tokens=400, **GREEDY)  # EOS suppressed: runs on
+    long = SamplingParams(max_new_tokens=400, min_new_tokens=400, **GREEDY)  # EOS suppressed: runs on
     s = gg.stream(prompt, long)
     it = iter(s)
     next(it)
@@ -134,7 +134,7 @@ def test_gguf_cancel_and_concurrent_requests_queue(gg, hf):
     assert s.completion.finish_reason == "cancelled" and s.completion.completion_tokens < 400, (len(rest), s.completion)
     # several threads at once: the lock queues them through the one llama.cpp context, each gets its answer
     out = {}
-    opts = GenerationOptions(max_new_tokens=32, **GREEDY)
+    opts = SamplingParams(max_new_tokens=32, **GREEDY)
 
     def ask(i):
         out[i] = "".join(gg.stream(gg.chat_prompt([("你好", REPLY)] * (i % 2), "你好", 32)[0], opts))

@@ -68,9 +68,9 @@ def trained(tmp_path_factory, tiny_tok):
 def quantize(root, name, **kw):
     cfg = QuantizeConfig(model=str(root / "fp32"), output=str(root / name), group_size=32,
                          calib_samples=32, max_len=64, **kw)
-    from toucan.quant import run_quantize
+    from toucan.commands import quantize as quantize_command
 
-    assert run_quantize(cfg) == 0
+    assert quantize_command.run(cfg) == 0
     return root / name
 
 
@@ -215,8 +215,8 @@ def test_plain_transformers_loads_it_without_toucan(trained, tiny_tok):
 
 
 def test_bad_input_gets_typed_errors(trained, tmp_path, capsys):
+    from toucan.commands import quantize as quantize_command
     from toucan.errors import ModelError, QuantError
-    from toucan.quant import run_quantize
 
     base = ["quantize", "--model", str(trained / "fp32"), "--output", str(tmp_path / "q")]
     calib = ["--calib-data", str(trained / "calib.jsonl")]
@@ -231,10 +231,36 @@ def test_bad_input_gets_typed_errors(trained, tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text((trained / "fp32" / "config.json").read_text())
     with pytest.raises(ModelError, match="no weights"):
-        run_quantize(QuantizeConfig(model=str(empty), output=str(tmp_path / "q"), method="rtn"))
+        quantize_command.run(QuantizeConfig(model=str(empty), output=str(tmp_path / "q"), method="rtn"))
     with pytest.raises(QuantError, match="bits=5"):
-        run_quantize(QuantizeConfig(model=str(trained / "fp32"), output=str(tmp_path / "q"), bits=5))
+        quantize_command.run(QuantizeConfig(model=str(trained / "fp32"), output=str(tmp_path / "q"), bits=5))
     assert not (tmp_path / "q").exists()
+
+
+def test_library_prints_nothing_and_the_command_prints_its_result(trained, tmp_path, capsys):
+    """quant.gptq.quantize_model (no config needed: the manifest records what the caller passes)
+    returns what `toucan quantize` prints, and prints nothing itself; the command's line, pinned."""
+    import re
+
+    from toucan.commands import quantize as quantize_command
+    from toucan.quant.gptq import quantize_model
+
+    cfg = QuantizeConfig(model=str(trained / "fp32"), output=str(tmp_path / "lib"), method="rtn", group_size=32)
+    r = quantize_model(cfg.model, cfg.output, quantize_command.settings(cfg), command="a caller", config={"by": "test"})
+    assert capsys.readouterr().out == ""
+    man = read_manifest(tmp_path / "lib")
+    assert man["command"] == "a caller" and man["config"] == {"by": "test"} and verify_manifest(tmp_path / "lib") == []
+    assert r.quantized == man["quantization"]["quantized_layers"] and len(r.quantized) == LAYERS * 7
+    assert r.skipped == man["quantization"]["full_precision_layers"] == {} and r.padding == (172, 192)
+    assert (r.method, r.bits, r.group_size, r.output) == ("rtn", 4, 32, cfg.output)
+
+    out = tmp_path / "cmd"
+    assert quantize_command.run(QuantizeConfig(model=cfg.model, output=str(out), method="rtn", group_size=32)) == 0
+    line = capsys.readouterr().out
+    assert re.fullmatch(re.escape(f"{out}: rtn 4-bit group 32, {LAYERS * 7} layers quantized, 0 kept in full "
+                                  f"precision, MLP width 172 zero-padded to 192, weights {r.size_mib:.2f} MiB, ")
+                        + r"\d+\.\d s\n", line), line
+    assert read_manifest(out)["command"] == "quantize" and read_manifest(out)["config"]["output"] == str(out)
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "serve": (C.ServeConfig, "toucan.commands.serve:run"),
     "demo": (C.DemoConfig, "toucan.demo:run_demo"),
     "verify": (C.VerifyConfig, "toucan.commands.verify:run"),
-    "quantize": (C.QuantizeConfig, "toucan.quant:run_quantize"),
+    "quantize": (C.QuantizeConfig, "toucan.commands.quantize:run"),
     "ppl": (C.PplConfig, "toucan.commands.ppl:run"),
     "prune": (C.PruneConfig, "toucan.commands.prune:run"),
     "tokenizer extend": (C.TokenizerExtendConfig, "toucan.commands.tokenizer_extend:run"),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .config import (ApplyDeltaConfig, DemoConfig, EvalGenerateConfig, EvalJudgeConfig, EvalReportConfig,
                      GenerationOptions, MakeDeltaConfig, QuantizeConfig, TrainConfig)
-from .commands import apply_delta, eval_generate, eval_judge, eval_report, make_delta, train
+from .commands import apply_delta, eval_generate, eval_judge, eval_report, make_delta, quantize, train
 from .demo_tasks import GENERATOR_VERSION, generate
 from .engine import Engine
 from .errors import OutputError
@@ -32,7 +32,6 @@ from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, sha256_fil
 from .gguf_export import export_gguf
 from .modeling import load_tokenizer, save_model_dir, tiny_llama
 from .prompts import build_prompt, get_template
-from .quant import run_quantize
 from .tokenizer import finish_tokenizer_dir
 from .training import checkpoint_dir
 
@@ -207,7 +206,7 @@ def quantize_4bit(cfg: DemoConfig, model: Path, calib: Path, out: Path) -> Path:
     q = out / "sft-gptq-4bit"
     # sym: the edge step exports this GPTQ model to GGUF Q4_0, which takes symmetric g32 groups over
     # exactly (quantize's default is asymmetric since issue 16)
-    run_quantize(QuantizeConfig(model=str(model), output=str(q), method="gptq", bits=4, sym=True,
+    quantize.run(QuantizeConfig(model=str(model), output=str(q), method="gptq", bits=4, sym=True,
                                 group_size=cfg.quant_group_size, data=str(calib), calib_samples=128,
                                 max_len=cfg.max_len, template=cfg.template, seed=cfg.seed, device="cpu",
                                 overwrite=True))

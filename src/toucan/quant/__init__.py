@@ -1,8 +1,6 @@
-"""Weight quantization (GPTQ / RTN, 2-8 bits) in the standard GPTQ format (loading it is
+"""Weight quantization (GPTQ / RTN, 2-8 bits) in the standard GPTQ format: `gptq.quantize_model`
+(the `toucan quantize` command is toucan/commands/quantize.py; loading the result is
 toucan.modeling.load_quantized, beside the other loaders).
 
-Importing this package is cheap: GPTQModel (a ~10 s import) loads only inside the functions."""
-
-from .gptq import run_quantize
-
-__all__ = ["run_quantize"]
+Importing this package is cheap: it imports none of its modules, and GPTQModel (a ~10 s import)
+loads only inside the quantizing functions."""

@@ -1,6 +1,7 @@
-"""`toucan quantize`: GPTQ or RTN weight quantization through GPTQModel, written in the standard
-GPTQ checkpoint layout (qweight / qzeros / scales / g_idx in safetensors, quantization_config in
-config.json) that transformers + optimum + GPTQModel load, plus tokenizer and toucan.json.
+"""GPTQ or RTN weight quantization through GPTQModel (`quantize_model`; the `toucan quantize`
+command is toucan/commands/quantize.py), written in the standard GPTQ checkpoint layout (qweight /
+qzeros / scales / g_idx in safetensors, quantization_config in config.json) that transformers +
+optimum + GPTQModel load, plus tokenizer and toucan.json.
 
 GPTQModel does the quantizing (GPTQConfig) and has RTN in the same format (RTNConfig), so nothing
 here re-implements either. What we add: calibration from toucan's chat format, a per-layer plan
@@ -10,7 +11,6 @@ that keeps layers no kernel can run in full precision (see `layer_problem`), and
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QuantError
@@ -39,6 +40,50 @@ GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's kernels 
 BLOCK_RE = re.compile(r"(^|\.)layers\.\d+\.")          # decoder blocks: what GPTQModel quantizes
 # model types whose MLP is gate_proj/up_proj/down_proj with config.intermediate_size (mlp_padding)
 GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """How `quantize_model` quantizes. No defaults here: toucan.config.QuantizeConfig's (the flags')
+    are the ones.
+
+    method: "gptq" or "rtn"; bits, group_size (-1 = per output channel); sym: a symmetric grid
+    (False: a zero point per group); desc_act, gptaq: GPTQ's act-order and GPTAQ, None = on except
+    for a pruned model; keep_sparsity: keep every zero weight zero, None = for a pruned model;
+    damp_percent, mse: GPTQ's Hessian dampening and scale search; calib_samples, max_len,
+    template, seed: the calibration sequences (GPTQ); device: cpu, cuda, cuda:N or auto."""
+
+    method: str
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool | None
+    damp_percent: float
+    mse: float
+    gptaq: bool | None
+    keep_sparsity: bool | None
+    calib_samples: int
+    max_len: int
+    template: str
+    seed: int
+    device: str
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What `quantize_model` made: the layers quantized and those kept in full precision (name:
+    why), the MLP padding ((width, padded width) or None), the weights' size and the seconds the
+    quantizing itself took."""
+
+    output: str | os.PathLike
+    method: str
+    bits: int
+    group_size: int
+    quantized: list[str]
+    skipped: dict[str, str]
+    padding: tuple[int, int] | None
+    size_mib: float
+    seconds: float
 
 
 @contextlib.contextmanager
@@ -252,56 +297,58 @@ def _checkpoint_errors(ckpt: Path):
                          f"those, or delete it to start over") from None
 
 
-def validate(cfg) -> None:
-    if cfg.method not in ("gptq", "rtn"):
-        raise QuantError(f"method {cfg.method!r}: use gptq or rtn")
-    if cfg.bits not in BITS:
-        raise QuantError(f"bits={cfg.bits} is not supported: use one of {', '.join(map(str, BITS))}")
-    if cfg.group_size not in GROUP_SIZES:
-        raise QuantError(f"group_size={cfg.group_size}: use -1 (per channel) or one of "
+def validate(settings: GptqSettings, data: str | os.PathLike | None) -> None:
+    s = settings
+    if s.method not in ("gptq", "rtn"):
+        raise QuantError(f"method {s.method!r}: use gptq or rtn")
+    if s.bits not in BITS:
+        raise QuantError(f"bits={s.bits} is not supported: use one of {', '.join(map(str, BITS))}")
+    if s.group_size not in GROUP_SIZES:
+        raise QuantError(f"group_size={s.group_size}: use -1 (per channel) or one of "
                          f"{', '.join(map(str, GROUP_SIZES[1:]))}")
-    if cfg.method == "gptq":
-        check_calibration("gptq", cfg.data, cfg.calib_samples, cfg.damp_percent)
-    elif not 0 < cfg.damp_percent < 1:
-        raise QuantError(f"--damp-percent {cfg.damp_percent}: must be between 0 and 1")
-    if cfg.mse < 0:
-        raise QuantError(f"mse={cfg.mse}: use 0 (no scale search) or a norm exponent > 0, e.g. 2.4")
+    if s.method == "gptq":
+        check_calibration("gptq", data, s.calib_samples, s.damp_percent)
+    elif not 0 < s.damp_percent < 1:
+        raise QuantError(f"--damp-percent {s.damp_percent}: must be between 0 and 1")
+    if s.mse < 0:
+        raise QuantError(f"mse={s.mse}: use 0 (no scale search) or a norm exponent > 0, e.g. 2.4")
 
 
-def _plan(cfg):
+def _plan(model, output, settings: GptqSettings, *, data, overwrite: bool, trust_remote_code: bool):
     """(source dir, tokenizer, layers to quantize, {layer: why kept in full precision}), or a QuantError."""
-    validate(cfg)
-    src = check_model_dir(cfg.model)
+    s = settings
+    validate(s, data)
+    src = check_model_dir(model)
     # Before anything is loaded: GPTQModel's loader imports a folder's auto_map modules even when
     # told trust_remote_code=False, and minutes of quantizing must not end in a refused output.
-    check_remote_code(src, cfg.trust_remote_code)
-    check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg))
+    check_remote_code(src, trust_remote_code)
+    check_output(output, overwrite=overwrite, inputs=_inputs(model, output, s.method, data))
     if is_quantized(src):
-        raise QuantError(f"{cfg.model} is already quantized (config.json has quantization_config)")
-    if cfg.desc_act and cfg.method == "rtn":
+        raise QuantError(f"{model} is already quantized (config.json has quantization_config)")
+    if s.desc_act and s.method == "rtn":
         log.warning("--desc-act only applies to gptq; ignored for rtn")
-    todo, skipped = plan_layers(src, cfg.bits, cfg.group_size, cfg.trust_remote_code)
+    todo, skipped = plan_layers(src, s.bits, s.group_size, trust_remote_code)
     if not todo:
-        raise QuantError(f"{cfg.model}: no layer can be quantized with bits={cfg.bits}, "
-                         f"group_size={cfg.group_size}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        raise QuantError(f"{model}: no layer can be quantized with bits={s.bits}, "
+                         f"group_size={s.group_size}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     if skipped:
         log.warning("keeping %d layer(s) in full precision (odd widths): %s", len(skipped),
                     ", ".join(f"{k} ({v})" for k, v in skipped.items()))
-    return src, load_tokenizer(src, trust_remote_code=cfg.trust_remote_code), todo, skipped
+    return src, load_tokenizer(src, trust_remote_code=trust_remote_code), todo, skipped
 
 
-def _inputs(cfg) -> list:
-    """What --output must never replace or contain: the model, the calibration data and the
+def _inputs(model, output, method: str, data) -> list:
+    """What the output must never replace or contain: the model, the calibration data and the
     resumable checkpoint of this output (fsutil.check_output)."""
-    return [cfg.model, cfg.data if cfg.method == "gptq" else None, checkpoint_dir(cfg.output)]
+    return [model, data if method == "gptq" else None, checkpoint_dir(output)]
 
 
-def _calibration(cfg, tokenizer) -> list[dict] | None:
-    if cfg.method != "gptq":
+def _calibration(tokenizer, settings: GptqSettings, data) -> list[dict] | None:
+    if settings.method != "gptq":
         return None
-    seqs = calibration_samples(tokenizer, cfg.data, cfg.calib_samples, cfg.max_len,
-                               cfg.template, cfg.seed)
-    log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), cfg.data)
+    seqs = calibration_samples(tokenizer, data, settings.calib_samples, settings.max_len, settings.template,
+                               settings.seed)
+    log.info("calibration: %d sequences, %d tokens from %s", len(seqs), sum(map(len, seqs)), data)
     return [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
 
 
@@ -316,75 +363,87 @@ def _checkpointing(ckpt: Path) -> dict:
     return {"checkpoint": CheckpointConfig(path=str(ckpt))}
 
 
-def _sparsity_plan(cfg, src: Path, desc_act: bool) -> tuple[bool, dict | None]:
-    """(quantize mask-aware?, the source's `toucan prune` record). --keep-sparsity defaults to on
-    for a model whose toucan.json says `toucan prune` made it."""
+def _sparsity_plan(model, src: Path, keep_sparsity: bool | None, desc_act: bool) -> tuple[bool, dict | None]:
+    """(quantize mask-aware?, the source's `toucan prune` record). keep_sparsity None: on for a
+    model whose toucan.json says `toucan prune` made it."""
     pruning = pruning_record(src)
-    sparse = bool(pruning) if cfg.keep_sparsity is None else bool(cfg.keep_sparsity)
+    sparse = bool(pruning) if keep_sparsity is None else bool(keep_sparsity)
     if sparse and desc_act:
-        raise QuantError(f"{cfg.model} is pruned{'' if pruning else ' (--keep-sparsity)'}: --desc-act reorders "
+        raise QuantError(f"{model} is pruned{'' if pruning else ' (--keep-sparsity)'}: --desc-act reorders "
                          f"columns and cannot keep its zeros; drop --desc-act (or pass --no-keep-sparsity)")
     if sparse:
-        log.info("keeping the zeros of %s (%s): mask-aware GPTQ in natural column order", cfg.model,
+        log.info("keeping the zeros of %s (%s): mask-aware GPTQ in natural column order", model,
                  f"{pruning['method']} {pruning['pattern'] or pruning['sparsity']}" if pruning else "--keep-sparsity")
     return sparse, pruning
 
 
-def run_quantize(cfg) -> int:
-    """Quantize cfg.model into cfg.output (atomically). Returns 0; raises QuantError/ModelError.
-    A LoRA adapter as cfg.model is merged into its base first (in memory) and that is quantized."""
-    if not is_adapter(cfg.model):
-        return _quantize(cfg)
-    validate(cfg)
-    base = adapter_base(cfg.model, cfg.base)
-    check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg) + [base])  # before the merge
-    log.info("%s is a LoRA adapter: merging it into its base %s (in memory) before quantizing", cfg.model, base)
+def quantize_model(model: str | os.PathLike, output: str | os.PathLike, settings: GptqSettings, *,
+                   data: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
+                   overwrite: bool = False, trust_remote_code: bool = False, command: str = "quantize",
+                   config=None) -> QuantizeResult:
+    """Quantize `model` into `output` (atomically; `data`: the calibration file, GPTQ only). The
+    manifest names `command` and records `config` (the options the caller ran with). Raises
+    QuantError/ModelError. A LoRA adapter as `model` is merged into its base first (`base`, else
+    the one its adapter_config.json records; in memory) and that is quantized."""
+    if not is_adapter(model):
+        return _quantize(model, output, settings, data=data, overwrite=overwrite,
+                         trust_remote_code=trust_remote_code, command=command, config=config)
+    validate(settings, data)
+    base = adapter_base(model, base)
+    check_output(output, overwrite=overwrite,  # before the merge
+                 inputs=_inputs(model, output, settings.method, data) + [base])
+    log.info("%s is a LoRA adapter: merging it into its base %s (in memory) before quantizing", model, base)
     # GPTQModel loads only from a directory, so the merged model is handed to it as a temporary one.
-    with merged_model_dir(cfg.model, base, near=cfg.output, trust_remote_code=cfg.trust_remote_code) as merged:
-        return _quantize(dataclasses.replace(cfg, model=str(merged), base=None), recorded=cfg,
-                         sources=[cfg.model, str(base)])
+    with merged_model_dir(model, base, near=output, trust_remote_code=trust_remote_code) as merged:
+        return _quantize(str(merged), output, settings, data=data, overwrite=overwrite,
+                         trust_remote_code=trust_remote_code, command=command, config=config,
+                         sources=[model, str(base)])
 
 
-def _quantize(cfg, recorded=None, sources=None) -> int:
-    """run_quantize on a full model directory. recorded, sources: the config and input models the
-    manifest names (the user's adapter and its base, not the temporary merged directory).
+def _quantize(model, output, settings: GptqSettings, *, data, overwrite: bool, trust_remote_code: bool,
+              command: str, config, sources=None) -> QuantizeResult:
+    """quantize_model on a full model directory. sources: the input models the manifest names
+    (the user's adapter and its base, not the temporary merged directory).
     An MLP width that fits no GPTQ layout is zero-padded first (`mlp_padding`), in a temporary copy."""
-    validate(cfg)
-    src = check_model_dir(cfg.model)
-    check_remote_code(src, cfg.trust_remote_code)
-    pad = mlp_padding(src, cfg.bits, cfg.group_size)
+    validate(settings, data)
+    src = check_model_dir(model)
+    check_remote_code(src, trust_remote_code)
+    pad = mlp_padding(src, settings.bits, settings.group_size)
+    job = dict(data=data, overwrite=overwrite, trust_remote_code=trust_remote_code, command=command, config=config)
     if pad is None or is_quantized(src):  # (a quantized input is refused by _plan)
-        return _quantize_dir(cfg, recorded, sources)
-    check_output(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg))  # before the copy
-    with padded_model_dir(src, pad[1], near=cfg.output, trust_remote_code=cfg.trust_remote_code) as padded:
-        return _quantize_dir(dataclasses.replace(cfg, model=str(padded)), recorded=recorded or cfg,
-                             sources=sources or [src], origin=src, padding=pad)
+        return _quantize_dir(model, output, settings, sources=sources, **job)
+    check_output(output, overwrite=overwrite, inputs=_inputs(model, output, settings.method, data))  # before the copy
+    with padded_model_dir(src, pad[1], near=output, trust_remote_code=trust_remote_code) as padded:
+        return _quantize_dir(str(padded), output, settings, sources=sources or [src], origin=src, padding=pad,
+                             **job)
 
 
-def _quantize_dir(cfg, recorded=None, sources=None, origin=None, padding=None) -> int:
-    """_quantize on the directory GPTQModel loads. origin: the user's model when cfg.model is a
+def _quantize_dir(model, output, settings: GptqSettings, *, data, overwrite: bool, trust_remote_code: bool,
+                  command: str, config, sources=None, origin=None, padding=None) -> QuantizeResult:
+    """_quantize on the directory GPTQModel loads. origin: the user's model when `model` is a
     padded copy of it (its toucan.json says whether it was pruned); padding: (width, padded width)."""
-    src, tokenizer, todo, skipped = _plan(cfg)
-    sym = cfg.sym and not cfg.asym
+    s = settings
+    src, tokenizer, todo, skipped = _plan(model, output, s, data=data, overwrite=overwrite,
+                                          trust_remote_code=trust_remote_code)
     # desc_act None (the default): act-order, except for a pruned model, whose zeros need natural order
-    sparse, pruning = _sparsity_plan(cfg, origin or src, bool(cfg.desc_act) and cfg.method == "gptq")
-    desc_act = cfg.method == "gptq" and (cfg.desc_act if cfg.desc_act is not None else not sparse)
+    sparse, pruning = _sparsity_plan(model, origin or src, s.keep_sparsity, bool(s.desc_act) and s.method == "gptq")
+    desc_act = s.method == "gptq" and (s.desc_act if s.desc_act is not None else not sparse)
     # GPTAQ: the mask-aware quantizer (quant/sparse.py) did not keep the zeros (tests/test_prune.py)
-    if sparse and cfg.gptaq and cfg.method == "gptq":
-        raise QuantError(f"{cfg.model} is pruned: --gptaq cannot keep its zeros; drop --gptaq "
+    if sparse and s.gptaq and s.method == "gptq":
+        raise QuantError(f"{model} is pruned: --gptaq cannot keep its zeros; drop --gptaq "
                          f"(or pass --no-keep-sparsity)")
-    gptaq = cfg.method == "gptq" and (cfg.gptaq if cfg.gptaq is not None else not sparse)
+    gptaq = s.method == "gptq" and (s.gptaq if s.gptaq is not None else not sparse)
     # GPTQ (minutes to hours on a big model) commits each finished decoder layer, so a rerun of
     # the same command after a crash, kill or Ctrl-C resumes at the next layer. RTN needs no
     # calibration pass and takes seconds: it just runs again.
-    ckpt = checkpoint_dir(cfg.output)
-    blocker = resume_blocker(src, skipped) if cfg.method == "gptq" else None
+    ckpt = checkpoint_dir(output)
+    blocker = resume_blocker(src, skipped) if s.method == "gptq" else None
     if gptaq and not blocker:
         blocker = "GPTQModel's checkpoints do not support GPTAQ"
-    resumable = cfg.method == "gptq" and blocker is None
+    resumable = s.method == "gptq" and blocker is None
     if blocker:
         log.info("this run cannot resume after an interruption: %s", blocker)
-    calib = _calibration(cfg, tokenizer)
+    calib = _calibration(tokenizer, s, data)
 
     # GPTQModel logs its progress tables on stdout: send them to stderr with the other logs.
     with contextlib.redirect_stdout(sys.stderr):
@@ -392,47 +451,47 @@ def _quantize_dir(cfg, recorded=None, sources=None, origin=None, padding=None) -
         from gptqmodel import BACKEND, GPTQModel  # ~10 s import with a banner: only when quantizing
         from gptqmodel.quantization.config import GPTQConfig, RTNConfig
 
-        device = resolve_device(cfg.device)
+        device = resolve_device(s.device)
         # "-:" marks a layer GPTQModel must leave alone; exact ^name$ patterns are its fast path.
         dynamic = {f"-:^{re.escape(name)}$": {} for name in skipped} or None
         # offload_to_disk: GPTQModel's checkpoints require it (the finished layers live on disk)
-        common = dict(bits=cfg.bits, group_size=cfg.group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
+        common = dict(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=desc_act, dynamic=dynamic,
                       offload_to_disk=resumable)
-        if cfg.method == "gptq":
+        if s.method == "gptq":
             # A pruned model is quantized in natural column order (see quant/sparse.py).
             order = {"act_group_aware": False} if sparse else {}
             # act-order with static groups: groups are fixed in natural column order before the
             # reordering, so g_idx stays i // group_size and the fast (non-reordering) kernels run it
-            extra = dict(static_groups=desc_act, mse=cfg.mse)
+            extra = dict(static_groups=desc_act, mse=s.mse)
             if gptaq:
                 from gptqmodel.quantization.config import GPTAQConfig
 
                 extra["gptaq"] = GPTAQConfig(device=device)
-            qcfg = GPTQConfig(damp_percent=cfg.damp_percent, **common, **order, **extra)
+            qcfg = GPTQConfig(damp_percent=s.damp_percent, **common, **order, **extra)
         else:
             qcfg = RTNConfig(**common)
         # fp32 on CPU: quantization statistics and the layers kept in full precision stay exact
         # (GPTQModel's default there is bf16, which is also ~50x slower on AVX2 CPUs).
         try:
-            model = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device),
-                                   trust_remote_code=cfg.trust_remote_code)
+            qmodel = GPTQModel.load(str(src), qcfg, device=device, dtype=resolve_dtype("auto", device),
+                                    trust_remote_code=trust_remote_code)
         except load_errors() as e:
             raise load_error(src, e) from None
         resume = _checkpointing(ckpt) if resumable else {}
         t0 = time.perf_counter()
         with _gptqmodel_logs_elsewhere(), _checkpoint_errors(ckpt), \
                 (keep_zeros() if sparse else contextlib.nullcontext({})) as forced:
-            model.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO, **resume)
+            qmodel.quantize(calib, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO, **resume)
         seconds = time.perf_counter() - t0
-        log.info("%s %d-bit g%d quantized %d layers in %.1f s", cfg.method, cfg.bits, cfg.group_size,
+        log.info("%s %d-bit g%d quantized %d layers in %.1f s", s.method, s.bits, s.group_size,
                  len(todo), seconds)
 
-        with atomic_dir(cfg.output, overwrite=cfg.overwrite, inputs=_inputs(cfg)) as tmp:
+        with atomic_dir(output, overwrite=overwrite, inputs=_inputs(model, output, s.method, data)) as tmp:
             # GPTQModel's save prints the folder listing and both config files, always (writer.py
             # debug_saved_config): shown only with -v, i.e. when setup_logging left its logger on
             quiet = logging.getLogger("logbar").disabled
             with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-                model.save(str(tmp))
+                qmodel.save(str(tmp))
             # optimum (the transformers loader) ignores GPTQModel's `dynamic`; it keeps layers by
             # `modules_in_block_to_quantize`, so record the plan in both vocabularies.
             cj = json.loads((tmp / "config.json").read_text())
@@ -440,26 +499,24 @@ def _quantize_dir(cfg, recorded=None, sources=None, origin=None, padding=None) -
             atomic_write_json(tmp / "config.json", cj)
             tokenizer.save_pretrained(str(tmp))  # toucan's tokenizer (pad token set), not a re-guessed one
             finish_tokenizer_dir(tmp)  # toucan's chat template into tokenizer_config.json
-            inputs = (sources or [src]) + ([cfg.data] if calib else [])
-            write_manifest(tmp, "quantize", recorded or cfg, inputs, extra={"quantization": {
-                "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": sym,
+            inputs = (sources or [src]) + ([data] if calib else [])
+            write_manifest(tmp, command, config, inputs, extra={"quantization": {
+                "method": s.method, "bits": s.bits, "group_size": s.group_size, "sym": s.sym,
                 "desc_act": desc_act, "act_group_aware": bool(getattr(qcfg, "act_group_aware", False)),
                 "static_groups": bool(getattr(qcfg, "static_groups", False)),
-                "damp_percent": cfg.damp_percent if cfg.method == "gptq" else None,
-                "mse": cfg.mse if cfg.method == "gptq" else None, "gptaq": gptaq,
+                "damp_percent": s.damp_percent if s.method == "gptq" else None,
+                "mse": s.mse if s.method == "gptq" else None, "gptaq": gptaq,
                 "quantized_layers": todo, "full_precision_layers": skipped,
-                "calibration": None if calib is None else {"file": str(cfg.data), "samples": len(calib),
+                "calibration": None if calib is None else {"file": str(data), "samples": len(calib),
                                                            "tokens": sum(len(c["input_ids"]) for c in calib)},
                 "mlp_padding": None if padding is None else {
                     "intermediate_size": padding[0], "padded_to": padding[1],
-                    "why": f"{padding[0]} is not a multiple of {mlp_multiple(cfg.bits, cfg.group_size)} "
+                    "why": f"{padding[0]} is not a multiple of {mlp_multiple(s.bits, s.group_size)} "
                            f"(group size, int32 packing, CPU int4 kernel); zero rows/columns are exact"},
                 "seconds": round(seconds, 2), "keep_sparsity": sparse,
                 "zeros_forced": sum(forced.values()) if sparse else None,
             }, **({"pruning": pruning} if pruning else {})})
     shutil.rmtree(ckpt, ignore_errors=True)  # the output is complete: nothing left to resume
-    size = sum(f.stat().st_size for f in Path(cfg.output).iterdir() if f.suffix == ".safetensors")
-    padded = f", MLP width {padding[0]} zero-padded to {padding[1]}" if padding else ""
-    print(f"{cfg.output}: {cfg.method} {cfg.bits}-bit group {cfg.group_size}, {len(todo)} layers quantized, "
-          f"{len(skipped)} kept in full precision{padded}, weights {size / 2**20:.2f} MiB, {seconds:.1f} s")
-    return 0
+    size = sum(f.stat().st_size for f in Path(output).iterdir() if f.suffix == ".safetensors")
+    return QuantizeResult(output=output, method=s.method, bits=s.bits, group_size=s.group_size, quantized=todo,
+                          skipped=skipped, padding=padding, size_mib=size / 2**20, seconds=seconds)

@@ -19,7 +19,7 @@ masked entry of the returned weights is set to 0 (and counted), whatever path GP
 
 Act-order (desc_act) and GPTQModel's group-aware reordering permute the columns inside its loop;
 the quantizer cannot tell which column it is given then, so sparse models are quantized in natural
-column order (run_quantize refuses --desc-act and turns group-aware reordering off).
+column order (quantize_model refuses --desc-act and turns group-aware reordering off).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def keep_zeros():
         if not bool(mask.any()):
             return gptq_quantize(self, *args, **kwargs)
         assert not (self.qcfg.desc_act or getattr(self.qcfg, "act_group_aware", False)), \
-            "column reordering must be off for sparse models (run_quantize turns it off)"
+            "column reordering must be off for sparse models (quantize_model turns it off)"
         # Swapping the class (not the object) keeps the buffers and settings the processor gave the
         # quantizer (configure(perchannel=True), maxq). It also turns off GPTQModel's fused CUDA
         # block update, which bypasses the quantizer (it checks `type(quantizer) is Quantizer`).

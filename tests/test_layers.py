@@ -83,36 +83,12 @@ def _library_findings(tree: ast.AST) -> set[str]:
     return found
 
 
-# Issue 12 is not finished: these library modules still hold their command (a `run_*` taking the
-# command's config, printing). The list may only shrink: a new entry fails the test, and so does
-# an entry that no longer holds (delete it when its command moves to toucan/commands/).
-KNOWN_UNFINISHED = {
-    'toucan.demo': [   '_drop_stale_checkpoints: takes tcfg',
-                       '_full_recipe: takes cfg',
-                       '_sft: takes cfg',
-                       '_trained_with: takes tcfg',
-                       'edge: takes cfg',
-                       'evaluate: takes cfg',
-                       'make_base_model: takes cfg',
-                       'make_data: takes cfg',
-                       'make_tokenizer: takes cfg',
-                       'quantize_4bit: takes cfg',
-                       'run_demo: print()',
-                       'run_demo: takes cfg',
-                       'train_config: takes cfg']}
-
 
 @pytest.mark.parametrize("path", LIBRARY, ids=[_name(p) for p in LIBRARY])
 def test_library_never_prints_exits_or_takes_a_config(path):
-    found = _library_findings(ast.parse(path.read_text(), str(path)))
-    known = set(KNOWN_UNFINISHED.get(_name(path), ()))
-    new, gone = sorted(found - known), sorted(known - found)
-    assert not new, f"library module {_name(path)} prints, exits or takes a command config: {new}"
-    assert not gone, f"{_name(path)}: fixed, so delete from KNOWN_UNFINISHED: {gone}"
-
-
-def test_known_unfinished_names_real_modules():
-    assert set(KNOWN_UNFINISHED) <= {_name(p) for p in LIBRARY}
+    found = sorted(_library_findings(ast.parse(path.read_text(), str(path))))
+    assert not found, (f"library module {_name(path)} prints, exits or takes a command config: {found} "
+                       "(that belongs in its command, toucan/commands/<name>.py)")
 
 
 def test_import_contract():

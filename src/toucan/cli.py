@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "chat": (C.ChatConfig, "toucan.commands.chat:run"),
     "web": (C.WebConfig, "toucan.commands.web:run"),
     "serve": (C.ServeConfig, "toucan.commands.serve:run"),
-    "demo": (C.DemoConfig, "toucan.demo:run_demo"),
+    "demo": (C.DemoConfig, "toucan.commands.demo:run"),
     "verify": (C.VerifyConfig, "toucan.commands.verify:run"),
     "quantize": (C.QuantizeConfig, "toucan.commands.quantize:run"),
     "ppl": (C.PplConfig, "toucan.commands.ppl:run"),

@@ -317,7 +317,6 @@ def validate(settings: GptqSettings, data: str | os.PathLike | None) -> None:
 def _plan(model, output, settings: GptqSettings, *, data, overwrite: bool, trust_remote_code: bool):
     """(source dir, tokenizer, layers to quantize, {layer: why kept in full precision}), or a QuantError."""
     s = settings
-    validate(s, data)
     src = check_model_dir(model)
     # Before anything is loaded: GPTQModel's loader imports a folder's auto_map modules even when
     # told trust_remote_code=False, and minutes of quantizing must not end in a refused output.
@@ -385,10 +384,10 @@ def quantize_model(model: str | os.PathLike, output: str | os.PathLike, settings
     manifest names `command` and records `config` (the options the caller ran with). Raises
     QuantError/ModelError. A LoRA adapter as `model` is merged into its base first (`base`, else
     the one its adapter_config.json records; in memory) and that is quantized."""
+    validate(settings, data)  # once, before any model is read or merged
     if not is_adapter(model):
         return _quantize(model, output, settings, data=data, overwrite=overwrite,
                          trust_remote_code=trust_remote_code, command=command, config=config)
-    validate(settings, data)
     base = adapter_base(model, base)
     check_output(output, overwrite=overwrite,  # before the merge
                  inputs=_inputs(model, output, settings.method, data) + [base])
@@ -405,7 +404,6 @@ def _quantize(model, output, settings: GptqSettings, *, data, overwrite: bool, t
     """quantize_model on a full model directory. sources: the input models the manifest names
     (the user's adapter and its base, not the temporary merged directory).
     An MLP width that fits no GPTQ layout is zero-padded first (`mlp_padding`), in a temporary copy."""
-    validate(settings, data)
     src = check_model_dir(model)
     check_remote_code(src, trust_remote_code)
     pad = mlp_padding(src, settings.bits, settings.group_size)

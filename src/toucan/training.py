@@ -18,12 +18,11 @@ tokenizer, config, toucan.json manifest), written atomically at the end. Trainer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -161,7 +160,7 @@ def parse_trainer_flags(flags: Sequence[str]) -> dict[str, Any]:
         return {}
     # exit_on_error=False: a bad value raises ArgumentError instead of exiting the process
     parser = HfArgumentParser(TrainingArguments, exit_on_error=False)
-    names = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    names = [f.name for f in fields(TrainingArguments) if f.init]
     try:
         ns, unknown = parser.parse_known_args(list(flags), namespace=argparse.Namespace(**dict.fromkeys(names, _UNSET)))
     except argparse.ArgumentError as e:

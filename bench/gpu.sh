@@ -115,7 +115,7 @@ step scale-out 300 bash -c "scale_out vllm cuda"
 #    (reference: plain HF Trainer 6,444 tok/s = 277 TFLOP/s on one H200; see bench/RESULTS.md).
 step train 240 $PY bench/train.py --device cuda
 # 2. Generation engine vs plain model.generate, and the API under load, on the GPU.
-step serve 150 $PY bench/serve.py --device cuda --hidden_size 1024 --layers 8 --requests_per_client 4
+step serve 150 $PY bench/serve.py --device cuda --hidden_size 1024 --layers 8 --requests_per_client 4 --repeats 2
 # 3. GPTQ 4-bit g128 vs RTN on the GPU (GPTQModel's CUDA kernels), KL and ppl.
 step quant 150 $PY bench/quant.py --device cuda --layers 4
 # 4. 2:4 sparsity: SparseGPT-prune a LLaMA-7B-shaped 4-layer stack on the GPU, then time its forward

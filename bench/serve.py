@@ -17,8 +17,9 @@ to first token (vs the lone request) over the steady load (each client's first r
 start-up burst of C at once, left out) and over all requests, mean rows per decode step
 (continuous) or per batch (static), errors, 5xx and the server's peak RSS; then, on the medians
 over rounds, the acceptance checks of issue 15 (continuous: aggregate >= 0.85x offline and >=
-static, steady TTFT p95 <= 3x alone and <= 0.5x static, 0 errors). Exits non-zero if a request
-failed or a check did not hold.
+static, steady TTFT p95 <= 3x alone and <= 0.5x static, 0 errors; a ratio to a run's own
+baseline is taken within each run, then its median). Exits non-zero if a request failed or a check
+did not hold.
 """
 
 from __future__ import annotations
@@ -295,16 +296,24 @@ def run_server_bench(model_dir, args, concurrency: int, batching: str, work: Pat
         "single_ttft_s": statistics.median(r["ttft"] for r in single),
         "offline_before_tok_per_s": before_off, "offline_after_tok_per_s": after_off,
         "offline_tok_per_s": (before_off + after_off) / 2,
+        # ratios are taken within the run, against its own baselines, and their medians over rounds
+        # are what the checks read: a ratio of two medians would pair figures from different minutes
+        "agg_vs_offline": agg_tps / ((before_off + after_off) / 2),
+        "ttft_p95_steady_vs_single": pct([r["ttft"] for r in steady], 95) / statistics.median(r["ttft"] for r in single),
         "mean_rows": (after.get("rows", 0) - before.get("rows", 0)) / max(1, steps),
         "peak_rss_mb": srv.peak_rss / 2**20,
     }
 
 
 def median_run(rs: list[dict]) -> dict | None:
-    """One run's figures as the median over rounds (each figure on its own)."""
+    """The median over rounds of each figure on its own, ratios included (so a median line's ratio
+    need not be the quotient of the medians printed beside it). Errors and 5xx are summed over the
+    rounds; the other counts (concurrency, requests) are the same in every round."""
     if not rs:
         return None
-    return {k: (statistics.median(r[k] for r in rs) if isinstance(v, (int, float)) else v) for k, v in rs[0].items()}
+    out = {k: statistics.median(r[k] for r in rs) if isinstance(v, float) else v for k, v in rs[0].items()}
+    out.update({k: sum(r[k] for r in rs) for k in ("errors", "5xx")})
+    return out
 
 
 def report(r: dict, tokens: int, label: str) -> None:
@@ -313,9 +322,9 @@ def report(r: dict, tokens: int, label: str) -> None:
           f"tokens: {r['agg_tok_per_s']:.1f} tok/s aggregate vs one stream {r['single_stream_tok_per_s']:.1f} "
           f"-> {r['agg_vs_single']:.2f}x, vs offline batch {r['concurrency']} {r['offline_tok_per_s']:.1f} (before "
           f"{r['offline_before_tok_per_s']:.0f}, after {r['offline_after_tok_per_s']:.0f}) -> "
-          f"{r['agg_tok_per_s'] / r['offline_tok_per_s']:.2f}x; TTFT steady p50 {ms('ttft_p50_steady_s')} ms, p95 "
+          f"{r['agg_vs_offline']:.2f}x; TTFT steady p50 {ms('ttft_p50_steady_s')} ms, p95 "
           f"{ms('ttft_p95_steady_s')} ms (alone {ms('single_ttft_s')} ms -> p95 "
-          f"{r['ttft_p95_steady_s'] / r['single_ttft_s']:.1f}x); with the start-up burst p50 {ms('ttft_p50_s')}, "
+          f"{r['ttft_p95_steady_vs_single']:.1f}x); with the start-up burst p50 {ms('ttft_p50_s')}, "
           f"p95 {ms('ttft_p95_s')} ms; mean rows per {'step' if r['batching'] == 'continuous' else 'batch'} "
           f"{r['mean_rows']:.1f}; errors {r['errors']}, 5xx {r['5xx']}; peak RSS {r['peak_rss_mb']:.0f} MiB")
 
@@ -374,7 +383,7 @@ def main() -> int:
                 for mode in modes[::-1] if k % 2 else modes:
                     runs.append(run_server_bench(model_dir, args, c, mode, work, eng))
                     report(runs[-1], args.tokens, f"round {k + 1}")
-    failed = any(r["errors"] or r["5xx"] for r in runs)
+    failed = False
     for c in args.concurrency:
         cont = median_run([r for r in runs if r["concurrency"] == c and r["batching"] == "continuous"])
         report(cont, args.tokens, f"median of {args.rounds}")
@@ -382,8 +391,8 @@ def main() -> int:
         if stat is not None:
             report(stat, args.tokens, f"median of {args.rounds}")
         # TTFT is checked on the steady load (see run_server_bench); the start-up burst is printed beside it
-        checks = {"aggregate >= 0.85x offline": cont["agg_tok_per_s"] >= 0.85 * cont["offline_tok_per_s"],
-                  "TTFT p95 <= 3x alone": cont["ttft_p95_steady_s"] <= 3 * cont["single_ttft_s"],
+        checks = {"aggregate >= 0.85x offline": cont["agg_vs_offline"] >= 0.85,
+                  "TTFT p95 <= 3x alone": cont["ttft_p95_steady_vs_single"] <= 3,
                   "0 errors": not any(r["errors"] or r["5xx"] for r in runs if r["concurrency"] == c)}
         if stat is not None:
             checks["aggregate >= static"] = cont["agg_tok_per_s"] >= stat["agg_tok_per_s"]

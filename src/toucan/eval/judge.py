@@ -201,6 +201,7 @@ def fetch_replies(messages: list[str], ep: JudgeEndpoint, cache: JudgeCache) -> 
         return err
 
     pool = cf.ThreadPoolExecutor(max_workers=max(1, ep.concurrency), thread_name_prefix="judge")
+    cancelled = False
     try:
         futures = {pool.submit(work, k): k for k in todo}
         for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="judge", unit="msg"):
@@ -208,8 +209,9 @@ def fetch_replies(messages: list[str], ep: JudgeEndpoint, cache: JudgeCache) -> 
             err = f"not asked: {spend['stopped']}" if fut.cancelled() else fut.result()
             if err is not None:
                 errors[k] = err
-                if stop.is_set():
-                    for f in futures:  # what has not started is never sent; what is in flight ends
+                if stop.is_set() and not cancelled:  # once: what has not started is never sent
+                    cancelled = True
+                    for f in futures:  # (what is in flight ends)
                         f.cancel()
                 continue
             spend["calls"] += 1

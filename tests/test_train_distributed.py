@@ -25,7 +25,7 @@ def worker(mode: str, model_dir: str, data: str, out: str, info_path: str) -> No
     import torch
     from safetensors.torch import save_file
 
-    from toucan.cli import setup_logging
+    from toucan.logs import setup_logging
     from toucan.commands.train import train
     from toucan.training import rank, shutdown_distributed
 

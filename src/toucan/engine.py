@@ -198,13 +198,32 @@ class _Rows(_TextRows):
         return torch.tensor([r.finish_reason is not None for r in self.rows], device=input_ids.device)
 
 
+class Cancel(threading.Event):
+    """A request's cancel flag: a threading.Event that also calls back when set, so a request
+    running in another process (toucan.serve.engine_process) hears of it without polling."""
+
+    def __init__(self):
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def on_set(self, fn: Callable[[], None]) -> None:
+        self._callbacks.append(fn)
+        if self.is_set():  # set before the callback came: call it now (a callback may run twice)
+            fn()
+
+    def set(self) -> None:
+        super().set()
+        for fn in list(self._callbacks):
+            fn()
+
+
 class Stream:
     """Iterate for text deltas (generation runs in a worker thread). After the iteration,
     `.completion` holds the Completion. `.cancel()` (or closing the iterator early) stops it."""
 
     def __init__(self, engine: "Engine", prompt: str, opts: SamplingParams):
         self._q: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
+        self._cancel = Cancel()
         self.completion: Completion | None = None
         self._error: BaseException | None = None
         ids = engine.encode_fitting(prompt)  # raise here, in the caller's thread
@@ -336,6 +355,8 @@ class _Scheduler:
                 with self.engine.lock, torch.inference_mode():
                     if new:
                         self._admit(new)
+                        if self.engine.on_step is not None:  # the joiners' first tokens, before the decode
+                            self.engine.on_step()
                     if self.active:
                         self._decode()
             except Exception as e:  # a bug (or out of memory): every request in flight gets the error
@@ -347,6 +368,8 @@ class _Scheduler:
             # return and the interpreter exit right away (a daemon thread inside torch then aborts it)
             for r in self.ended:
                 r.done(r.completion())
+            if self.engine.on_step is not None:
+                self.engine.on_step()
 
     def _finish_cancelled(self, r: _Req) -> bool:
         if r.row.finish_reason is None and r.row.cancel is not None and r.row.cancel.is_set():
@@ -494,6 +517,10 @@ class Engine:
         self.prefill_tokens = prefill_tokens  # most prompt tokens admitted to the running batch per step
         self._scheduler: _Scheduler | None = None
         self._scheduler_lock = threading.Lock()
+        # called by the scheduler's thread once a batch of on_text/on_done calls is made: after a
+        # prefill (the joiners' first tokens) and after each step (toucan.serve.engine_process
+        # sends each batch as one message)
+        self.on_step: Callable[[], None] | None = None
 
     @property
     def scheduler(self) -> _Scheduler:
@@ -502,6 +529,15 @@ class Engine:
             if self._scheduler is None:
                 self._scheduler = _Scheduler(self, self.max_rows)
             return self._scheduler
+
+    def batch_stats(self) -> dict:
+        """The continuous batch's counters: steps (decode steps), rows (summed over steps),
+        max_rows (most rows in one step), joined, prefills; empty before the first request."""
+        return dict(self._scheduler.stats) if self._scheduler is not None else {}
+
+    def queued(self) -> int:
+        """Requests waiting to join the continuous batch."""
+        return self._scheduler.queued() if self._scheduler is not None else 0
 
     def submit(self, ids: list[int], opts: SamplingParams, on_done: Callable[[object], None],
                on_text: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> None:

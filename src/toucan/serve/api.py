@@ -53,7 +53,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.requests import Request  # at module level: FastAPI resolves the handlers' annotations here
 
-from ..engine import Completion, Engine, PromptTooLongError
+from ..engine import Cancel, Completion, Engine, PromptTooLongError
 from ..errors import ConfigError
 from ..sampling import OPENAI, SamplingParams, is_sampling
 
@@ -171,7 +171,7 @@ class Job:
     def __init__(self, loop: asyncio.AbstractEventLoop, ids: list[int], opts: SamplingParams):
         self.loop, self.ids, self.opts = loop, ids, opts
         self.out: asyncio.Queue = asyncio.Queue()
-        self.cancel = threading.Event()
+        self.cancel = Cancel()
 
     def key(self):
         o = self.opts
@@ -208,15 +208,15 @@ class Batcher:
         steps), max_batch (most rows in one step), joined, prefills."""
         out = dict(self.stats)
         if self.continuous:
-            st = self.engine.scheduler.stats if self.engine._scheduler is not None else collections.Counter()
+            st = collections.Counter(self.engine.batch_stats())
             out.update(steps=st["steps"], rows=st["rows"], max_batch=st["max_rows"], joined=st["joined"],
                        prefills=st["prefills"])
         return out
 
     def queued(self) -> int:
         n = self.q.qsize() + len(self.pending)
-        if self.continuous and self.engine._scheduler is not None:
-            n += self.engine.scheduler.queued()
+        if self.continuous:
+            n += self.engine.queued()
         return n
 
     def _dispatch(self) -> None:

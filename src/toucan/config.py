@@ -231,7 +231,8 @@ class ServeConfig(ModelOptions):
                                     "default repetition penalty (a request may send repetition_penalty)")
     max_batch_size: int = opt(16, "most requests decoded together (continuous: rows in the running batch)")
     batching: str = opt("continuous", "continuous: a request joins the running batch at its next decode step and "
-                                      "leaves when done; static: waiting requests form a batch that runs to its end "
+                                      "leaves when done (the model runs in a child process); static: waiting "
+                                      "requests form a batch that runs to its end, in the server's process "
                                       "(a .gguf is always queued)", choices=["continuous", "static"])
     batch_wait_ms: float = opt(20.0, "static batching: how long the batcher waits for more requests before starting "
                                      "a batch (about one CPU decode step: costs little time to first token)")

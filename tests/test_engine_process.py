@@ -94,3 +94,22 @@ def test_a_directory_without_a_model_is_one_clear_error(tmp_path, tiny_model_dir
     with pytest.raises(ToucanError) as e:
         EngineProcess(d, device="cpu")
     assert "\n" not in str(e.value) and str(d) in str(e.value)
+
+
+@pytest.mark.parametrize("how", ["terminate", "kill"])
+def test_the_engine_process_ends_with_the_server(tiny_model_dir, tmp_path, how):
+    """`toucan serve` stopped (SIGTERM: uvicorn's shutdown closes the pipe) or killed outright
+    (SIGKILL: the child reads EOF) leaves no engine process behind."""
+    import psutil
+
+    from conftest import free_port
+    from test_api import start_server
+
+    proc, _ = start_server(["--model", str(tiny_model_dir), "--api-key", "sk-test", "--threads", "1"], free_port(),
+                           tmp_path / "server.log")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "the continuous engine runs in a child process"
+    getattr(proc, how)()
+    proc.wait(30)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, (alive, (tmp_path / "server.log").read_text()[-2000:])

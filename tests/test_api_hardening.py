@@ -135,8 +135,11 @@ def test_health_answers_while_big_requests_are_worked_on(server):
     print(f"/health during load: {len(latencies)} calls, median {latencies[len(latencies) // 2] * 1000:.0f} ms, "
           f"max {latencies[-1] * 1000:.0f} ms")
     # Before the fix one such history blocked /health for 12 s. Typical here: tens of ms; the max
-    # bound leaves room for a loaded 2-core CI box descheduling the server.
-    assert len(latencies) >= 3 and latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 2.0
+    # bound leaves room for a loaded 2-core CI box descheduling the server. How many polls fit
+    # depends on how fast the server gets through the six requests (with the model in its own
+    # process they took 0.1-0.5 s in CI: 2 polls once), so at least one, each timed while work was
+    # in flight (the loop stops when the last request is answered).
+    assert latencies and latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 2.0
 
 
 @pytest.mark.parametrize("body, field", [

@@ -2,6 +2,7 @@
 history truncation, batching, beams, cancellation."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -255,6 +256,38 @@ def test_request_joins_the_running_batch_and_takes_a_freed_slot(rand_engine, tin
     assert b.completion.text == alone.generate("请写一首诗。", short).text
     assert c.completion.text == alone.generate("第二个问题", short).text
     assert a.completion.text == alone.generate("你好", long_opts).text
+
+
+def test_rows_joining_and_leaving_in_any_order_keep_their_answers(rand_engine, tiny_tok):
+    """The running batch's KV slots (engine._KVSlots) under churn: prompts of different lengths
+    (a joiner longer than the running rows shifts them right), more rows than the first buffer
+    holds, answers longer than its spare columns, and rows leaving from the middle (the last row
+    moves into the slot). Every greedy answer equals the same request decoded alone."""
+    import random
+
+    eng = Engine(rand_engine.model, tiny_tok, max_rows=7)
+    alone = Engine(rand_engine.model, tiny_tok, continuous=False)
+    rng = random.Random(0)
+    # the first (started at once) is short and long-running: longer prompts then join rows that
+    # start near column 0, and the running rows move right to make room
+    jobs = [("你好", 130), ("请写一首关于大海的诗。" * 12, 9)] + [
+        ("你好" * rng.randint(1, 30), rng.choice([3, 9, 40, 130])) for _ in range(16)]
+    delays = [0.0, 0.02] + [0.05 + rng.random() * 0.3 for _ in range(16)]  # staggered: joins land between steps
+    results = {}
+
+    def run(i, prompt, n):
+        time.sleep(delays[i])
+        results[i] = eng.generate(prompt, SamplingParams(max_new_tokens=n, min_new_tokens=n, **GREEDY))
+
+    threads = [threading.Thread(target=run, args=(i, p, n)) for i, (p, n) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert eng.scheduler.stats["max_rows"] > 4  # past the first buffer's rows
+    for i, (p, n) in enumerate(jobs):
+        want = alone.generate(p, SamplingParams(max_new_tokens=n, min_new_tokens=n, **GREEDY))
+        assert results[i].text == want.text and results[i].completion_tokens == n, (i, len(p), n)
 
 
 def test_sampling_params_are_the_one_source_of_defaults():

@@ -303,11 +303,12 @@ class _Scheduler:
     stop-string/UTF-8 rules (_TextRows) or cancellation before the token is sent. On CPU it also
     needs its paged cache sized by hand.
 
-    Layout: one KV cache [rows, heads, T, head_dim] per layer, rows left-padded to a common T with
-    an attention mask [rows, T], and each row's own position ids (so padding never shifts a row).
-    A joining batch is prefilled on its own (left-padded among itself), then its cache is
-    concatenated to the running one after padding the shorter on the left; leaving rows are
-    index-selected away and the leading columns no row uses any more are cut. Sampling follows
+    Layout: one KV cache [rows, heads, T, head_dim] per layer (_KVSlots: preallocated, written in
+    place), rows left-padded to a common T with an attention mask [rows, T], and each row's own
+    position ids (so padding never shifts a row). A joining batch is prefilled on its own
+    (left-padded among itself in a DynamicCache), then written into free row slots, the shorter of
+    it and the running rows padded on the left; a leaving row's slot takes the last row, and the
+    leading columns no row uses any more are cut. Sampling follows
     transformers' generate: repetition penalty (vectorised over a [rows, vocab] 'seen' mask, the
     same arithmetic as RepetitionPenaltyLogitsProcessor), EOS suppressed below min_new_tokens,
     then greedy argmax or the row's warpers and multinomial sampling."""
@@ -439,15 +440,14 @@ class _Scheduler:
         cache.batch_select_indices(idx)
         part = (mask[idx], mask[idx].sum(-1), toks[idx], seen[idx])
         if self.cache is None:
-            self.cache, (self.mask, self.pos, self.next, self.seen) = cache, part
+            self.cache = _KVSlots(cache, self.max_rows)
+            self.mask, self.pos, self.next, self.seen = part
             self.active = [new[i] for i in keep]
             return
-        # left-pad the shorter of the two caches (and masks) to the other's length, then stack rows
+        # the shorter of the running rows and the joiners is left-padded to the other's length
         ta, tn = self.mask.shape[1], part[0].shape[1]
         t = max(ta, tn)
-        for old, add in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, t), _left_pad(add.keys, t)])
-            old.values = torch.cat([_left_pad(old.values, t), _left_pad(add.values, t)])
+        self.cache.join(cache, t)
         self.mask = torch.cat([_left_pad(self.mask, t, dim=1), _left_pad(part[0], t, dim=1)])
         self.pos, self.next = torch.cat([self.pos, part[1]]), torch.cat([self.next, part[2]])
         self.seen = torch.cat([self.seen, part[3]])
@@ -458,8 +458,10 @@ class _Scheduler:
 
         rows = len(self.active)
         self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
+        self.cache.reserve(1)
         out = self.engine.model(input_ids=self.next[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
-                                use_cache=True, **{self._cache_kw: self.cache})
+                                use_cache=True, **{self._cache_kw: self.cache.cache})
+        self.cache.advance(1)
         self.pos = self.pos + 1
         toks = self._sample(self.active, out.logits[:, -1, :].float(), self.seen)
         self._feed(self.active, toks, self.seen)
@@ -473,15 +475,143 @@ class _Scheduler:
         if not keep:  # all done: the cache goes with them
             self.active, self.cache = [], None
             return
-        idx = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(idx)
+        order = self.cache.remove(keep)  # the rows left, in their new slots
+        idx = torch.tensor(order, device=self.mask.device)
         self.mask, self.pos, self.next, self.seen = self.mask[idx], self.pos[idx], self.next[idx], self.seen[idx]
-        self.active = [self.active[i] for i in keep]
+        self.active = [self.active[i] for i in order]
         first = int(self.mask.any(0).nonzero()[0])  # columns before it were padding for every row left
         if first:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.cache.lo += first
             self.mask = self.mask[:, first:]
+
+
+class _SlotLayer:
+    """One decoder layer's view of _KVSlots, in the place of transformers' DynamicLayer:
+    `update` writes the step's keys/values into the buffers in place (DynamicLayer concatenates,
+    copying the whole cache on every step) and returns the live region."""
+
+    is_sliding = is_linear = is_dummy = False
+    is_compileable = False
+    is_initialized = True
+
+    def __init__(self, slots: "_KVSlots", i: int):
+        self.slots, self.i = slots, i
+
+    @property
+    def keys(self):
+        s = self.slots
+        return s.k[self.i][:s.n, :, s.lo:s.hi]
+
+    @property
+    def values(self):
+        s = self.slots
+        return s.v[self.i][:s.n, :, s.lo:s.hi]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        s, q = self.slots, key_states.shape[2]
+        assert s.hi + q <= s.k[self.i].shape[2], "reserve() first"
+        s.k[self.i][:s.n, :, s.hi:s.hi + q] = key_states
+        s.v[self.i][:s.n, :, s.hi:s.hi + q] = value_states
+        return s.k[self.i][:s.n, :, s.lo:s.hi + q], s.v[self.i][:s.n, :, s.lo:s.hi + q]
+
+    def get_seq_length(self) -> int:
+        return self.slots.hi - self.slots.lo
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class _KVSlots:
+    """The running batch's KV cache in preallocated buffers, one [row slots, heads, columns,
+    head_dim] pair per layer: row r's keys live in slot r, columns lo..hi (rows left-padded to a
+    common length, the padding zeroed). A joiner is written into the next free slots, a decode step
+    into column hi, and a row that leaves is replaced by the last row (one row copied). With
+    DynamicCache every step, join and leave copied the whole cache: at 32 rows of the bench's
+    model that was 4 ms of a 22 ms join, and page faults on the fresh tensors made it worse.
+    Buffers grow by doubling (rows up to max_rows), so at low load they stay small.
+
+    transformers' StaticCache does not fit: it has one length for every row (no per-row left
+    padding that moves as rows join and leave) and no way to add or drop a row in place."""
+
+    def __init__(self, first, max_rows: int):
+        """first: the DynamicCache of the first prefill (its rows and columns become the batch)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import CacheLayerMixin
+
+        # a virtual subclass: the Cache's isinstance checks accept it, and transformers stays out of
+        # this module's import (toucan --help must not load it)
+        CacheLayerMixin.register(_SlotLayer)
+        self.max_rows = max_rows
+        k0 = first.layers[0].keys
+        self.n, t = k0.shape[0], k0.shape[2]
+        self.lo, self.hi = 0, t
+        rows, cols = min(max_rows, max(self.n, 4)), t + 64
+        self.k = [layer.keys.new_zeros(rows, *layer.keys.shape[1:2], cols, layer.keys.shape[3]) for layer in first.layers]
+        self.v = [layer.values.new_zeros(rows, *layer.values.shape[1:2], cols, layer.values.shape[3])
+                  for layer in first.layers]
+        for i, layer in enumerate(first.layers):
+            self.k[i][:self.n, :, :t] = layer.keys
+            self.v[i][:self.n, :, :t] = layer.values
+        self.cache = DynamicCache()  # what the model's forward gets: its layers are views of ours
+        self.cache.layers = [_SlotLayer(self, i) for i in range(len(self.k))]
+
+    def _realloc(self, rows: int, cols: int, shift: int) -> None:
+        """New buffers of rows x cols; the live region moves to start at column lo + shift."""
+        lo, hi, n = self.lo, self.hi, self.n
+        for bufs in (self.k, self.v):
+            for i, b in enumerate(bufs):
+                nb = b.new_zeros(rows, b.shape[1], cols, b.shape[3])
+                nb[:n, :, lo + shift:hi + shift] = b[:n, :, lo:hi]
+                bufs[i] = nb
+        self.lo, self.hi = lo + shift, hi + shift
+
+    def reserve(self, q: int) -> None:
+        """Room for q more columns (a decode step: 1). Full: the live region moves to column 0 of
+        buffers with twice its width."""
+        b = self.k[0]
+        if self.hi + q > b.shape[2]:
+            width = self.hi - self.lo
+            self._realloc(b.shape[0], max(2 * width, width + q + 64), -self.lo)
+
+    def advance(self, q: int) -> None:
+        self.hi += q
+
+    def join(self, add, t: int) -> None:
+        """Rows of a prefill's DynamicCache `add` join; t = the joint length (max of both)."""
+        k_add = add.layers[0].keys
+        m, tn = k_add.shape[0], k_add.shape[2]
+        b = self.k[0]
+        shift = max(0, t - (self.hi - self.lo) - self.lo)  # columns missing on the left
+        rows = b.shape[0] if self.n + m <= b.shape[0] else min(self.max_rows, max(2 * b.shape[0], self.n + m))
+        if shift or rows != b.shape[0]:
+            self._realloc(rows, b.shape[2] + shift, shift)
+        lo = self.hi - t
+        n = self.n
+        for bufs, layers in ((self.k, [x.keys for x in add.layers]), (self.v, [x.values for x in add.layers])):
+            for buf, x in zip(bufs, layers):
+                buf[:n, :, lo:self.lo].zero_()  # the running rows' new left padding
+                buf[n:n + m, :, lo:self.hi - tn].zero_()  # the joiners' padding
+                buf[n:n + m, :, self.hi - tn:self.hi] = x
+        self.lo, self.n = lo, n + m
+
+    def remove(self, keep: list[int]) -> list[int]:
+        """Keep the rows `keep` (ascending): a slot left empty below the new row count takes a kept
+        row from the end. Returns, for each new slot, the old row now in it."""
+        m = len(keep)
+        kept = set(keep)
+        order = list(range(m))
+        holes = [r for r in range(m) if r not in kept]
+        tail = [r for r in keep if r >= m]
+        for h, r in zip(holes, tail):
+            order[h] = r
+            for bufs in (self.k, self.v):
+                for buf in bufs:
+                    buf[h, :, self.lo:self.hi] = buf[r, :, self.lo:self.hi]
+        self.n = m
+        return order
 
 
 def _left_pad(x, t: int, dim: int = 2):

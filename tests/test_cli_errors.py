@@ -109,3 +109,17 @@ def test_model_loading_commands_are_quiet_by_default(tiny_model_dir, tmp_path):
     assert q.returncode == 0, err
     assert [n for n in NOISE if n in err] == [], err
     assert "rtn 4-bit group 32" in q.stdout.decode()  # toucan's own lines stay
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA (CI has none)")
+@pytest.mark.parametrize("cmd", ["serve", "chat"])
+def test_cuda_device_without_cuda_is_one_line(tiny_model_dir, cmd):
+    """`--device cuda` on a CPU-only torch: one line naming the device, exit 2, and no traceback
+    from the engine's child process either (serve loads the model there)."""
+    from conftest import free_port
+
+    extra = ["--port", str(free_port())] if cmd == "serve" else ["--plain"]
+    r = _toucan(cmd, "--model", str(tiny_model_dir), "--device", "cuda", *extra)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert f"toucan {cmd}: error: device 'cuda': torch" in err and "Traceback" not in err, err

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ModelError, QuantError
+from .errors import ConfigError, ModelError, QuantError
 from .fsutil import atomic_dir, remove_stale_temps, temp_prefix
 from .manifest import write_manifest
 from .prompts import chat_template
@@ -29,6 +29,8 @@ def resolve_device(device: str = "auto") -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():  # else torch's AssertionError, mid-load
+        raise ConfigError(f"device {device!r}: torch {torch.__version__} sees no CUDA device here (use cpu or auto)")
     return device
 
 

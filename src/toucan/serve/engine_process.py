@@ -164,8 +164,8 @@ def _core_main(conn, path: str, from_dir: dict, max_rows: int, log_state: tuple[
     try:
         engine = Engine.from_dir(path, **from_dir)
     except Exception as e:  # the parent raises it (a user's mistake as a one-line ModelError)
-        conn.send(("error", isinstance(e, ToucanError), str(e) if isinstance(e, ToucanError)
-                   else f"loading the model failed: {type(e).__name__}: {e}"))
+        _send_or_exit(conn, ("error", isinstance(e, ToucanError), str(e) if isinstance(e, ToucanError)
+                             else f"loading the model failed: {type(e).__name__}: {e}"))
         return
     engine.max_rows = max_rows
     # Everything loaded so far lives as long as the process; frozen, the collector stops walking it.
@@ -188,13 +188,10 @@ def _core_main(conn, path: str, from_dir: dict, max_rows: int, log_state: tuple[
         if outbox:
             msg = (list(outbox), engine.batch_stats(), engine.queued())
             outbox.clear()
-            try:
-                conn.send(msg)
-            except OSError:  # the server is gone: so are we
-                os._exit(0)
+            _send_or_exit(conn, msg)
 
     engine.on_step = flush
-    conn.send(("ready", engine.max_context))
+    _send_or_exit(conn, ("ready", engine.max_context))
     while True:
         try:
             msg = conn.recv()
@@ -209,3 +206,10 @@ def _core_main(conn, path: str, from_dir: dict, max_rows: int, log_state: tuple[
             c.set()
     # exit without waiting for the scheduler's daemon thread (it may be inside torch)
     os._exit(0)
+
+
+def _send_or_exit(conn, msg) -> None:
+    try:
+        conn.send(msg)
+    except OSError:  # the server is gone (it failed on its side, or was killed): so are we, quietly
+        os._exit(0)

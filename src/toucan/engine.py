@@ -217,6 +217,27 @@ class Cancel(threading.Event):
             fn()
 
 
+def gather(n: int, start: Callable[[list[Callable[[object], None]]], None]) -> list:
+    """Start n requests and wait for all: `start` gets their n on_done callbacks (called from any
+    thread, once each). Returns the results in order; the first exception among them is raised."""
+    results: list = [None] * n
+    left = threading.Semaphore(0)
+
+    def done(i):
+        def f(result):
+            results[i] = result
+            left.release()
+        return f
+
+    start([done(i) for i in range(n)])
+    for _ in range(n):
+        left.acquire()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
 class Stream:
     """Iterate for text deltas (generation runs in a worker thread). After the iteration,
     `.completion` holds the Completion. `.cancel()` (or closing the iterator early) stops it."""
@@ -549,12 +570,14 @@ class _KVSlots:
         self.n, t = k0.shape[0], k0.shape[2]
         self.lo, self.hi = 0, t
         rows, cols = min(max_rows, max(self.n, 4)), t + 64
-        self.k = [layer.keys.new_zeros(rows, *layer.keys.shape[1:2], cols, layer.keys.shape[3]) for layer in first.layers]
-        self.v = [layer.values.new_zeros(rows, *layer.values.shape[1:2], cols, layer.values.shape[3])
-                  for layer in first.layers]
-        for i, layer in enumerate(first.layers):
-            self.k[i][:self.n, :, :t] = layer.keys
-            self.v[i][:self.n, :, :t] = layer.values
+
+        def slots(x):  # x: a prefill's [n, heads, t, head_dim], in row slots with spare rows/columns
+            b = x.new_zeros(rows, x.shape[1], cols, x.shape[3])
+            b[:self.n, :, :t] = x
+            return b
+
+        self.k = [slots(layer.keys) for layer in first.layers]
+        self.v = [slots(layer.values) for layer in first.layers]
         self.cache = DynamicCache()  # what the model's forward gets: its layers are views of ours
         self.cache.layers = [_SlotLayer(self, i) for i in range(len(self.k))]
 
@@ -832,25 +855,9 @@ class Engine:
             return self._run_static(ids, opts, on_text, cancel, max_new_tokens, stop)
         rows = self._rows(ids, opts, on_text, cancel, max_new_tokens, stop)
         tracker = _Rows(self.tokenizer, rows)
-        results: list = [None] * len(rows)
-        left = [len(rows)]
-        all_done = threading.Event()
-
-        def on_done(i):
-            def f(result):  # from the scheduler's thread only
-                results[i] = result
-                left[0] -= 1
-                if not left[0]:
-                    all_done.set()
-            return f
-
-        self.scheduler.submit([_Req(x, r, opts, tracker, on_done(i), self.model.device)
-                               for i, (x, r) in enumerate(zip(ids, rows))])
-        all_done.wait()
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results
+        # one scheduler.submit for the whole batch: its rows are admitted together
+        return gather(len(rows), lambda dones: self.scheduler.submit(
+            [_Req(x, r, opts, tracker, d, self.model.device) for x, r, d in zip(ids, rows, dones)]))
 
     def _run_static(self, ids: list[list[int]], opts: SamplingParams, on_text: list | None = None,
                     cancel: list | None = None, max_new_tokens: list[int] | None = None,

@@ -31,7 +31,7 @@ import threading
 from typing import Callable, Sequence
 
 from .. import logs
-from ..engine import Cancel, Completion, Engine
+from ..engine import Cancel, Completion, Engine, gather
 from ..errors import ModelError, ToucanError
 from ..modeling import load_tokenizer
 from ..prompts import DEFAULT_TEMPLATE
@@ -108,25 +108,13 @@ class EngineProcess(Engine):
             cancel: list | None = None, max_new_tokens: list[int] | None = None,
             stop: list[Sequence[str]] | None = None) -> list[Completion]:
         """Engine.run over submit(): every row joins the child's batch, and this waits for all."""
-        results: list = [None] * len(ids)
-        left = threading.Semaphore(0)
+        def start(dones):
+            for i, (x, d) in enumerate(zip(ids, dones)):
+                o = dataclasses.replace(opts, max_new_tokens=max_new_tokens[i] if max_new_tokens else opts.max_new_tokens,
+                                        stop=list(stop[i]) if stop else opts.stop)
+                self.submit(x, o, d, on_text[i] if on_text else None, cancel[i] if cancel else None)
 
-        def done(i):
-            def f(r):
-                results[i] = r
-                left.release()
-            return f
-
-        for i, x in enumerate(ids):
-            o = dataclasses.replace(opts, max_new_tokens=max_new_tokens[i] if max_new_tokens else opts.max_new_tokens,
-                                    stop=list(stop[i]) if stop else opts.stop)
-            self.submit(x, o, done(i), on_text[i] if on_text else None, cancel[i] if cancel else None)
-        for _ in ids:
-            left.acquire()
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results
+        return gather(len(ids), start)
 
     def _receive(self) -> None:
         while True:

@@ -226,6 +226,10 @@ def test_request_joins_the_running_batch_and_takes_a_freed_slot(rand_engine, tin
     import time
 
     eng = Engine(rand_engine.model, tiny_tok, max_rows=2)
+    assert eng.batch_stats() == {}  # no scheduler yet
+    # every counter exists from the scheduler's start: /health copies them from another thread while
+    # the scheduler counts, and a key added mid-copy would fail that copy
+    assert eng.scheduler.stats == {"steps": 0, "rows": 0, "max_rows": 0, "prefills": 0, "joined": 0}
     long_opts = SamplingParams(max_new_tokens=300, min_new_tokens=300, **GREEDY)
     short = SamplingParams(max_new_tokens=12, min_new_tokens=12, **GREEDY)
     first: dict[str, float] = {}

@@ -340,7 +340,10 @@ class _Scheduler:
         self.cond = threading.Condition()
         self.active: list[_Req] = []
         self.cache = self.mask = self.pos = self.next = self.seen = None
-        self.stats = collections.Counter()  # steps, rows (summed over decode steps), prefills, joined
+        # steps, rows (summed over decode steps), most rows in one step, prefills, joined: every key
+        # from the start, since batch_stats() copies the dict from other threads and a key added
+        # during a copy would fail it ("dictionary changed size during iteration")
+        self.stats = collections.Counter(steps=0, rows=0, max_rows=0, prefills=0, joined=0)
         # transformers 5.24 renamed forward's past_key_values to cache (the old name warns); older take only the old
         params = inspect.signature(engine.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

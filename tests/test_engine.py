@@ -294,6 +294,54 @@ def test_rows_joining_and_leaving_in_any_order_keep_their_answers(rand_engine, t
         assert results[i].text == want.text and results[i].completion_tokens == n, (i, len(p), n)
 
 
+def test_kv_slots_move_in_place_and_keep_their_buffers():
+    """engine._KVSlots without a model: a full buffer moves its live region to column 0 in place
+    when its left has room (new buffers were a page-faulting stall of every row), into new buffers
+    when it has not; a batch that empties keeps its buffers for the next one. The live keys and
+    values are what was written, whichever path ran."""
+    import torch
+    from transformers import DynamicCache
+
+    from toucan.engine import _KVSlots
+
+    def prefill(n, t, seed):
+        g = torch.Generator().manual_seed(seed)
+        c = DynamicCache()
+        for i in range(2):
+            c.update(torch.randn(n, 2, t, 4, generator=g), torch.randn(n, 2, t, 4, generator=g), i)
+        return c
+
+    def live(s):
+        return [x[:s.n, :, s.lo:s.hi].clone() for x in s.k + s.v]
+
+    first = prefill(3, 5, 0)
+    s = _KVSlots(first, max_rows=8)
+    assert s.k[0].shape[:3] == (4, 2, 5 + 64)  # at least 4 rows, 64 spare columns
+    assert all(torch.equal(a, b) for a, b in zip(live(s), [x.keys for x in first.layers] + [x.values for x in first.layers]))
+    step = 0
+    while s.hi < s.k[0].shape[2]:  # decode steps fill the spare columns with known values
+        s.reserve(1)
+        for buf in s.k + s.v:
+            buf[:s.n, :, s.hi] = step
+        s.advance(1)
+        step += 1
+    s.lo = 40  # the rows that used columns 0..39 have left
+    before, bufs = live(s), [id(b) for b in s.k + s.v]
+    s.reserve(1)  # 40 free columns on the left: in place
+    assert (s.lo, [id(b) for b in s.k + s.v]) == (0, bufs) and all(torch.equal(a, b) for a, b in zip(live(s), before))
+    s.lo, s.hi = 10, s.k[0].shape[2]  # full again, 10 free on the left: too few, new buffers twice as wide
+    before = live(s)
+    s.reserve(1)
+    assert s.lo == 0 and s.k[0].shape[2] == 2 * (s.hi + 1) + 64 and [id(b) for b in s.k + s.v] != bufs
+    assert all(torch.equal(a, b) for a, b in zip(live(s), before))
+    bufs, nxt = [id(b) for b in s.k + s.v], prefill(2, 7, 1)
+    s.start(nxt, want=3)  # the batch emptied; the next one fits: same buffers
+    assert [id(b) for b in s.k + s.v] == bufs and (s.n, s.lo, s.hi) == (2, 0, 7)
+    assert all(torch.equal(a, b) for a, b in zip(live(s), [x.keys for x in nxt.layers] + [x.values for x in nxt.layers]))
+    s.start(prefill(2, 7, 2), want=6)  # wants more rows than it has: new buffers, sized for them
+    assert s.k[0].shape[0] == 6
+
+
 def test_sampling_params_are_the_one_source_of_defaults():
     """config's generation flags and serve's request models default from SamplingParams; the
     greedy rule is one function."""

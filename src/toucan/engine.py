@@ -463,15 +463,20 @@ class _Scheduler:
         idx = torch.tensor(keep, device=dev)
         cache.batch_select_indices(idx)
         part = (mask[idx], mask[idx].sum(-1), toks[idx], seen[idx])
-        if self.cache is None:
-            self.cache = _KVSlots(cache, self.max_rows)
+        # the rows wanted soon: one growth of the buffers for a burst, not one per doubling
+        want = len(self.active) + len(keep) + len(self.waiting)
+        if not self.active:  # an empty batch: the buffers of the last one are reused (_KVSlots.start)
+            if self.cache is None:
+                self.cache = _KVSlots(cache, self.max_rows, want)
+            else:
+                self.cache.start(cache, want)
             self.mask, self.pos, self.next, self.seen = part
             self.active = [new[i] for i in keep]
             return
         # the shorter of the running rows and the joiners is left-padded to the other's length
         ta, tn = self.mask.shape[1], part[0].shape[1]
         t = max(ta, tn)
-        self.cache.join(cache, t)
+        self.cache.join(cache, t, want)
         self.mask = torch.cat([_left_pad(self.mask, t, dim=1), _left_pad(part[0], t, dim=1)])
         self.pos, self.next = torch.cat([self.pos, part[1]]), torch.cat([self.next, part[2]])
         self.seen = torch.cat([self.seen, part[3]])
@@ -496,8 +501,8 @@ class _Scheduler:
         keep = [i for i, r in enumerate(self.active) if not self._finish_cancelled(r)]
         if len(keep) == rows:
             return
-        if not keep:  # all done: the cache goes with them
-            self.active, self.cache = [], None
+        if not keep:  # all done: the buffers stay for the next batch
+            self.active = []
             return
         order = self.cache.remove(keep)  # the rows left, in their new slots
         idx = torch.tensor(order, device=self.mask.device)
@@ -555,13 +560,15 @@ class _KVSlots:
     into column hi, and a row that leaves is replaced by the last row (one row copied). With
     DynamicCache every step, join and leave copied the whole cache: at 32 rows of the bench's
     model that was 4 ms of a 22 ms join, and page faults on the fresh tensors made it worse.
-    Buffers grow by doubling (rows up to max_rows), so at low load they stay small.
+    Buffers grow to the rows wanted soon (running, joining and waiting; at most max_rows) or by
+    doubling, so at low load they stay small, and they stay when the batch empties (start).
 
     transformers' StaticCache does not fit: it has one length for every row (no per-row left
     padding that moves as rows join and leave) and no way to add or drop a row in place."""
 
-    def __init__(self, first, max_rows: int):
-        """first: the DynamicCache of the first prefill (its rows and columns become the batch)."""
+    def __init__(self, first, max_rows: int, want: int = 0):
+        """first: the DynamicCache of the first prefill (its rows and columns become the batch);
+        want: the rows the scheduler expects soon (running, joining and waiting)."""
         from transformers import DynamicCache
         from transformers.cache_utils import CacheLayerMixin
 
@@ -569,20 +576,31 @@ class _KVSlots:
         # this module's import (toucan --help must not load it)
         CacheLayerMixin.register(_SlotLayer)
         self.max_rows = max_rows
-        k0 = first.layers[0].keys
-        self.n, t = k0.shape[0], k0.shape[2]
-        self.lo, self.hi = 0, t
-        rows, cols = min(max_rows, max(self.n, 4)), t + 64
-
-        def slots(x):  # x: a prefill's [n, heads, t, head_dim], in row slots with spare rows/columns
-            b = x.new_zeros(rows, x.shape[1], cols, x.shape[3])
-            b[:self.n, :, :t] = x
-            return b
-
-        self.k = [slots(layer.keys) for layer in first.layers]
-        self.v = [slots(layer.values) for layer in first.layers]
+        self.k: list = []
+        self.v: list = []
+        self.start(first, want)
         self.cache = DynamicCache()  # what the model's forward gets: its layers are views of ours
         self.cache.layers = [_SlotLayer(self, i) for i in range(len(self.k))]
+
+    def start(self, first, want: int = 0) -> None:
+        """An empty batch's first prefill `first` becomes the batch: in the buffers it already has
+        when they are large enough. They stay when a batch empties: a burst then writes into memory
+        used before instead of growing fresh buffers, whose page faults made each growth take 20-68
+        ms in the server's engine process (against 1-7 ms in reused memory), stalling every row. So
+        the memory held is the high-water mark, as vLLM holds its preallocated KV cache."""
+        k0 = first.layers[0].keys
+        n, t = k0.shape[0], k0.shape[2]
+        rows = min(self.max_rows, max(n, 4, want))
+        b = self.k[0] if self.k else None
+        if b is None or b.shape[0] < rows or b.shape[2] <= t:
+            rows = max(rows, b.shape[0]) if b is not None else rows
+            cols = max(t + 64, b.shape[2]) if b is not None else t + 64
+            self.k = [x.keys.new_zeros(rows, x.keys.shape[1], cols, x.keys.shape[3]) for x in first.layers]
+            self.v = [x.values.new_zeros(rows, x.values.shape[1], cols, x.values.shape[3]) for x in first.layers]
+        for bufs, layers in ((self.k, [x.keys for x in first.layers]), (self.v, [x.values for x in first.layers])):
+            for buf, x in zip(bufs, layers):
+                buf[:n, :, :t] = x
+        self.n, self.lo, self.hi = n, 0, t
 
     def _realloc(self, rows: int, cols: int, shift: int) -> None:
         """New buffers of rows x cols; the live region moves to start at column lo + shift."""
@@ -595,23 +613,36 @@ class _KVSlots:
         self.lo, self.hi = lo + shift, hi + shift
 
     def reserve(self, q: int) -> None:
-        """Room for q more columns (a decode step: 1). Full: the live region moves to column 0 of
-        buffers with twice its width."""
+        """Room for q more columns (a decode step: 1). Full: the live region moves to column 0, in
+        place when at least 16 columns (and q) are free on its left, else into new buffers of twice
+        its width. New buffers every time cost 20-146 ms (page faults on fresh memory) at 16-32
+        rows in the server's engine process: a stall of every row, and a standing queue of joiners
+        behind it."""
         b = self.k[0]
-        if self.hi + q > b.shape[2]:
-            width = self.hi - self.lo
-            self._realloc(b.shape[0], max(2 * width, width + q + 64), -self.lo)
+        if self.hi + q <= b.shape[2]:
+            return
+        width, lo = self.hi - self.lo, self.lo
+        if lo < max(16, q):
+            self._realloc(b.shape[0], 2 * (width + q) + 64, -lo)
+            return
+        for bufs in (self.k, self.v):
+            for buf in bufs:
+                for s in range(0, width, lo):  # blocks of lo columns: none overlaps its destination
+                    e = min(width, s + lo)
+                    buf[:self.n, :, s:e] = buf[:self.n, :, lo + s:lo + e]
+        self.lo, self.hi = 0, width
 
     def advance(self, q: int) -> None:
         self.hi += q
 
-    def join(self, add, t: int) -> None:
-        """Rows of a prefill's DynamicCache `add` join; t = the joint length (max of both)."""
+    def join(self, add, t: int, want: int = 0) -> None:
+        """Rows of a prefill's DynamicCache `add` join; t = the joint length (max of both); want:
+        as in __init__."""
         k_add = add.layers[0].keys
         m, tn = k_add.shape[0], k_add.shape[2]
         b = self.k[0]
         shift = max(0, t - (self.hi - self.lo) - self.lo)  # columns missing on the left
-        rows = b.shape[0] if self.n + m <= b.shape[0] else min(self.max_rows, max(2 * b.shape[0], self.n + m))
+        rows = b.shape[0] if self.n + m <= b.shape[0] else min(self.max_rows, max(2 * b.shape[0], self.n + m, want))
         if shift or rows != b.shape[0]:
             self._realloc(rows, b.shape[2] + shift, shift)
         lo = self.hi - t

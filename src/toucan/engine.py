@@ -590,17 +590,24 @@ class _KVSlots:
         the memory held is the high-water mark, as vLLM holds its preallocated KV cache."""
         k0 = first.layers[0].keys
         n, t = k0.shape[0], k0.shape[2]
+        old = self.k[0].shape if self.k else (0, 0, 0)
         rows = min(self.max_rows, max(n, 4, want))
-        b = self.k[0] if self.k else None
-        if b is None or b.shape[0] < rows or b.shape[2] <= t:
-            rows = max(rows, b.shape[0]) if b is not None else rows
-            cols = max(t + 64, b.shape[2]) if b is not None else t + 64
-            self.k = [x.keys.new_zeros(rows, x.keys.shape[1], cols, x.keys.shape[3]) for x in first.layers]
-            self.v = [x.values.new_zeros(rows, x.values.shape[1], cols, x.values.shape[3]) for x in first.layers]
-        for bufs, layers in ((self.k, [x.keys for x in first.layers]), (self.v, [x.values for x in first.layers])):
-            for buf, x in zip(bufs, layers):
+        if old[0] < rows or old[2] <= t:  # none yet, or too small: new ones, no smaller than the old
+            rows, cols = max(rows, old[0]), max(t + 64, old[2])
+
+            def new(x):  # x: a prefill's [n, heads, t, head_dim]
+                return x.new_zeros(rows, x.shape[1], cols, x.shape[3])
+
+            self.k = [new(x.keys) for x in first.layers]
+            self.v = [new(x.values) for x in first.layers]
+        for bufs, xs in self._pairs(first):
+            for buf, x in zip(bufs, xs):
                 buf[:n, :, :t] = x
         self.n, self.lo, self.hi = n, 0, t
+
+    def _pairs(self, cache):
+        """Our key buffers with a DynamicCache's keys per layer, then the same for values."""
+        return (self.k, [x.keys for x in cache.layers]), (self.v, [x.values for x in cache.layers])
 
     def _realloc(self, rows: int, cols: int, shift: int) -> None:
         """New buffers of rows x cols; the live region moves to start at column lo + shift."""
@@ -647,7 +654,7 @@ class _KVSlots:
             self._realloc(rows, b.shape[2] + shift, shift)
         lo = self.hi - t
         n = self.n
-        for bufs, layers in ((self.k, [x.keys for x in add.layers]), (self.v, [x.values for x in add.layers])):
+        for bufs, layers in self._pairs(add):
             for buf, x in zip(bufs, layers):
                 buf[:n, :, lo:self.lo].zero_()  # the running rows' new left padding
                 buf[n:n + m, :, lo:self.hi - tn].zero_()  # the joiners' padding
